@@ -1,0 +1,1 @@
+"""Cross-cutting helpers: atomic I/O, logging, the Ray runtime."""
