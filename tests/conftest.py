@@ -20,3 +20,26 @@ def ray_session():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sim_data(tmp_path_factory, ray_session):
+    """A small simulated dataset directory (3,000 users), shared by the session."""
+    from creditgraph.data.simulate import SimulationConfig, simulate_to_dir
+
+    out = tmp_path_factory.mktemp("sim") / "data"
+    simulate_to_dir(SimulationConfig(n_users=3000, seed=7), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def built_run(tmp_path_factory, sim_data):
+    """``sim_data`` built into a run folder: RUN/graph and RUN/shards (8 parts, 2 hops)."""
+    from creditgraph.graph.build import build_graph
+    from creditgraph.graph.config import GraphConfig, PartitionConfig
+    from creditgraph.graph.partition import partition_graph
+
+    run = tmp_path_factory.mktemp("run")
+    build_graph(sim_data, run, GraphConfig())
+    partition_graph(run, PartitionConfig(num_parts=8, hops=2))
+    return run

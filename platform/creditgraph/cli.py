@@ -39,7 +39,9 @@ def _ray(address: str | None) -> None:
 
 @app.command()
 def validate(
-    data: Annotated[Path, typer.Argument(help="dataset directory (dataset.yaml, users.parquet...)")],
+    data: Annotated[
+        Path, typer.Argument(help="dataset directory (dataset.yaml, users.parquet...)")
+    ],
     address: Address = None,
 ) -> None:
     """Check a dataset against the contract; print a summary or one clear error."""
@@ -91,6 +93,28 @@ def build(
         _fail(exc)
     summary["partition"] = partition_graph(out, cfg.partition)
     console.print_json(data=summary)
+
+
+@app.command("run")
+def run_all(
+    data: Annotated[Path, typer.Option("--data", help="dataset directory")],
+    out: Annotated[Path, typer.Option("--out", help="run directory")],
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
+    stop_after: Annotated[str | None, typer.Option(help="last stage to run")] = None,
+    force: Annotated[bool, typer.Option(help="rerun stages even if reusable")] = False,
+    address: Address = None,
+) -> None:
+    """Run every stage (build, partition, pretrain, train, evaluate), reusing unchanged ones."""
+    from creditgraph.config import PipelineConfig
+    from creditgraph.pipeline import run_pipeline
+
+    cfg = PipelineConfig.load(config)
+    _ray(address)
+    try:
+        report = run_pipeline(data, out, cfg, stop_after=stop_after, force=force)
+    except DataValidationError as exc:
+        _fail(exc)
+    console.print_json(data=report)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from creditgraph.causal.config import PretrainConfig
 from creditgraph.graph.config import GraphConfig, PartitionConfig
 
 
@@ -17,6 +18,7 @@ class PipelineConfig(BaseModel):
 
     graph: GraphConfig = Field(default_factory=GraphConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
     @classmethod
     def load(cls, path: str | Path | None) -> PipelineConfig:

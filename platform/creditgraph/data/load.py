@@ -143,7 +143,13 @@ def _times(df: pd.DataFrame, file: str, col: str) -> pd.Series:
         t = s
     else:
         if pd.api.types.is_numeric_dtype(s):
-            _fail(file, col, "must be a timestamp or a date string, found numbers", s.notna().to_numpy(), s)
+            _fail(
+                file,
+                col,
+                "must be a timestamp or a date string, found numbers",
+                s.notna().to_numpy(),
+                s,
+            )
         t = pd.to_datetime(s, errors="coerce", utc=True, format="mixed")
     if getattr(t.dt, "tz", None) is not None:
         t = t.dt.tz_convert("UTC").dt.tz_localize(None)
@@ -165,7 +171,11 @@ def _id_key(s: pd.Series) -> pd.Series:
 
 
 def load_dataset(root: str | Path, *, with_truth: bool = True) -> Dataset:
-    """Load and validate a dataset directory (see MISSION.md, "The data contract")."""
+    """Load and validate a dataset directory (see MISSION.md, "The data contract").
+
+    ``with_truth=False`` skips the evaluation-only tables (truth, segments) that building and
+    scoring never read.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataValidationError(str(root), message="dataset directory not found")
@@ -199,7 +209,7 @@ def load_dataset(root: str | Path, *, with_truth: bool = True) -> Dataset:
         truth_path = _resolve(root, spec.truth)
         if truth_path is not None:
             truth = _validate_truth(read_table(truth_path), truth_path.name, index)
-    if spec.segments:
+    if with_truth and spec.segments:
         seg_path = _resolve(root, spec.segments)
         if seg_path is not None:
             segments = read_table(seg_path)
@@ -251,7 +261,13 @@ def _validate_users(raw: pd.DataFrame, spec: DatasetSpec, uf: str) -> pd.DataFra
     t = _numeric(raw, uf, spec.treatment, allow_bool=False).to_numpy()
     bad = ~np.isfinite(t)
     if bad.any():
-        _fail(uf, spec.treatment, "limits must be finite numbers (no null, NaN or inf)", bad, raw[spec.treatment])
+        _fail(
+            uf,
+            spec.treatment,
+            "limits must be finite numbers (no null, NaN or inf)",
+            bad,
+            raw[spec.treatment],
+        )
     neg = t < 0
     if neg.any():
         _fail(uf, spec.treatment, "limits must be >= 0", neg, raw[spec.treatment])
@@ -307,7 +323,7 @@ def _validate_links(raw: pd.DataFrame, spec: DatasetSpec, lf: str, index: pd.Ind
         {
             "user_idx": pos.astype(np.int64),
             "entity_type": etype.to_numpy(),
-            "entity_id": eid.astype(str).to_numpy(),
+            "entity_id": eid.to_numpy(),
             "ts_days": to_days(ts),
         }
     )

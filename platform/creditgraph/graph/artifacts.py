@@ -4,7 +4,8 @@ Layout (all written atomically by :func:`creditgraph.graph.build.build_graph`)::
 
     RUN/graph/manifest.json       counts, dataset spec, config, input fingerprint, timings
     RUN/graph/users.parquet       node, <id>, as_of, t_days, treatment, outcome, split
-    RUN/graph/features.npz        raw (float32, NaN = missing), z (float32), omega (uint8)
+    RUN/graph/features.npz        raw (float32, NaN = missing), z (float32), omega (uint8),
+                                  struct (float32 in-degree features, names in the manifest)
     RUN/graph/feature_stats.json  per feature: name, transform, mean, std, missing_share
     RUN/graph/uu_edges.npz        src, dst (int64 node ids; information flows src -> dst),
                                   weight (float32), etypes (uint16 bitmask of entity types)
@@ -38,6 +39,7 @@ class GraphArtifacts:
     raw: np.ndarray
     z: np.ndarray
     omega: np.ndarray
+    struct: np.ndarray
     src: np.ndarray
     dst: np.ndarray
     weight: np.ndarray
@@ -73,6 +75,7 @@ class GraphArtifacts:
             raw=feats["raw"],
             z=feats["z"],
             omega=feats["omega"],
+            struct=feats["struct"],
             src=edges["src"],
             dst=edges["dst"],
             weight=edges["weight"],

@@ -97,4 +97,6 @@ def path_signature(path: str | Path) -> list[tuple[str, int, int]]:
     """Names, sizes and mtimes of the files under ``path`` (cheap input identity)."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [(str(p.relative_to(path.parent)), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    return [
+        (str(p.relative_to(path.parent)), p.stat().st_size, int(p.stat().st_mtime)) for p in files
+    ]

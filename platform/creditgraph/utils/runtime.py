@@ -38,8 +38,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
 
 
 def _quiet_ray_data() -> None:
+    import logging
+
     import ray.data
 
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(int(os.environ.get("CREDITGRAPH_RAY_PROGRESS", "0")))
     ctx.print_on_execution_start = False
