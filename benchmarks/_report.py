@@ -10,6 +10,8 @@ from pathlib import Path
 
 import psutil
 
+from creditgraph.utils.tables import markdown_table  # noqa: F401  (re-exported for benchmarks)
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "BENCHMARKS.md"
 HEADER = (
@@ -42,19 +44,3 @@ def write_section(name: str, body: str, script: str) -> Path:
     tmp.write_text(text)
     tmp.replace(REPORT)
     return REPORT
-
-
-def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A GitHub markdown table from a list of dicts (floats to 4 significant digits)."""
-    if not rows:
-        return "_no rows_"
-    columns = columns or list(rows[0])
-
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)

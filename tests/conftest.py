@@ -43,3 +43,20 @@ def built_run(tmp_path_factory, sim_data):
     build_graph(sim_data, run, GraphConfig())
     partition_graph(run, PartitionConfig(num_parts=8, hops=2))
     return run
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real ``redis-server`` on a free loopback port (no persistence), for the whole session.
+
+    Fails (never skips) when ``redis-server`` is missing: the Redis store is a core path.
+    ``.ci/run`` installs it from Debian's packages (``apt-get install redis-server``).
+    """
+    import shutil
+
+    from creditgraph.serving.store import local_redis
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not on PATH; apt-get install -y redis-server", pytrace=False)
+    with local_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url

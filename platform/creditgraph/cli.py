@@ -95,6 +95,99 @@ def build(
     console.print_json(data=summary)
 
 
+@app.command()
+def pretrain(
+    run: Annotated[Path, typer.Option("--run", help="run directory with a built graph")],
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
+    reuse: Annotated[
+        bool, typer.Option(help="keep an existing output built from the same input and config")
+    ] = False,
+    top: Annotated[int, typer.Option(help="features to list by |alpha|")] = 10,
+    address: Address = None,
+) -> None:
+    """Teacher soft labels, per-feature DML causal weights (Ray tasks) and the feature DAG."""
+    from creditgraph.causal.pretrain import PretrainArtifacts, run_pretrain
+    from creditgraph.config import PipelineConfig
+
+    cfg = PipelineConfig.load(config)
+    try:  # Ray starts only if the DML actually runs
+        summary = run_pretrain(run, cfg.pretrain, reuse=reuse, address=address)
+    except (DataValidationError, FileNotFoundError) as exc:
+        _fail(exc)
+    console.print(
+        f"teacher OOF AUC {summary['teacher_oof_auc']:.4f} on {summary['n_fit_users']:,} "
+        f"labeled train users; feature DAG: {summary['dag_edges']} edges"
+    )
+    table = PretrainArtifacts.load(run).alpha_table
+    table = table[table["status"] == "ok"]
+    for row in table.loc[
+        table["alpha"].abs().sort_values(ascending=False).index[:top]
+    ].itertuples():
+        console.print(
+            f"  {row.feature:<28} alpha {row.alpha:+.5f}  [{row.ci_low:+.5f}, {row.ci_high:+.5f}]",
+            highlight=False,
+        )
+    if summary["dml_failed"]:
+        console.print(f"[yellow]DML failed for:[/] {', '.join(summary['dml_failed'])}")
+    console.print_json(data=summary)
+
+
+@app.command()
+def train(
+    run: Annotated[
+        Path, typer.Option("--run", help="run directory (built, partitioned, pretrained)")
+    ],
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray Train workers (overrides config)")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="max epochs (overrides config)")] = None,
+    address: Address = None,
+) -> None:
+    """Train the three-head model with Ray Train (DDP) over the ClusterGCN shards."""
+    from creditgraph.config import PipelineConfig
+    from creditgraph.train.trainer import run_training
+
+    cfg = PipelineConfig.load(config)
+    updates = {k: v for k, v in {"num_workers": workers, "epochs": epochs}.items() if v is not None}
+    _ray(address)
+    try:
+        summary = run_training(run, cfg.model, cfg.train.model_copy(update=updates))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    console.print_json(data=summary)
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
+    ablations: Annotated[
+        str | None, typer.Option(help="comma-separated ablations to train and score too")
+    ] = None,
+    address: Address = None,
+) -> None:
+    """Score the model, ablations and baselines on held-out users against the true curves."""
+    from creditgraph.config import PipelineConfig
+    from creditgraph.evaluate.run import run_evaluation
+
+    cfg = PipelineConfig.load(config)
+    if ablations:
+        names = [a.strip() for a in ablations.split(",") if a.strip()]
+        cfg = cfg.model_copy(
+            update={"evaluate": cfg.evaluate.model_copy(update={"ablations": names})}
+        )
+    _ray(address)
+    try:
+        report = run_evaluation(run, cfg)
+    except (FileNotFoundError, ValueError, DataValidationError) as exc:
+        _fail(exc)
+    from creditgraph.utils.tables import markdown_table
+
+    console.print(markdown_table(report["rows"]), highlight=False)
+    console.print(f"figures and metrics: {report['eval_dir']}")
+
+
 @app.command("run")
 def run_all(
     data: Annotated[Path, typer.Option("--data", help="dataset directory")],
@@ -115,6 +208,48 @@ def run_all(
     except DataValidationError as exc:
         _fail(exc)
     console.print_json(data=report)
+
+
+@app.command()
+def rules(
+    data: Annotated[
+        Path, typer.Option("--data", help="dataset directory, or a .csv/.parquet table")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="directory for rules.json/.sql/.txt")],
+    target: Annotated[
+        str | None, typer.Option("--target", help="0/1 label column; default: the outcome")
+    ] = None,
+    min_confidence: Annotated[
+        float | None, typer.Option("--min-confidence", help="confidence constraint c in (0, 1)")
+    ] = None,
+    max_rules: Annotated[int | None, typer.Option("--max-rules", help="at most this many")] = None,
+    exclude: Annotated[
+        str | None, typer.Option("--exclude", help="comma-separated columns never used")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml (rules:)")] = None,
+    address: Address = None,
+) -> None:
+    """Learn readable rules whose confidence meets --min-confidence, with maximal coverage."""
+    from creditgraph.config import PipelineConfig
+    from creditgraph.rules.learn import learn_rules
+
+    try:
+        cfg = PipelineConfig.load(config).rules
+        update = {"target": target, "min_confidence": min_confidence, "seed": seed}
+        cfg = cfg.model_validate(
+            {**cfg.model_dump(), **{k: v for k, v in update.items() if v is not None}}
+        )
+        if max_rules is not None:
+            cfg.estimator["max_rules"] = max_rules
+        if exclude:
+            cfg.exclude = [c.strip() for c in exclude.split(",") if c.strip()]
+        if address:  # otherwise a local runtime starts when (and only if) it is needed
+            _ray(address)
+        learn_rules(data, out, cfg)
+    except (DataValidationError, ValueError) as exc:
+        _fail(exc)
+    console.print(f"wrote {out}/rules.json, rules.sql, rules.txt, summary.json")
 
 
 def main() -> None:  # pragma: no cover - console entry point

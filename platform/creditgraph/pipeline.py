@@ -37,36 +37,23 @@ def _records(run_dir: Path) -> dict[str, str]:
 
 
 def _stages() -> list[Stage]:
+    from creditgraph.causal.pretrain import run_pretrain
+    from creditgraph.evaluate.run import run_evaluation
     from creditgraph.graph.build import build_graph
     from creditgraph.graph.partition import partition_graph
+    from creditgraph.train.trainer import run_training
 
-    def build(data: Path, run: Path, cfg: PipelineConfig) -> dict:
-        return build_graph(data, run, cfg.graph)
-
-    def partition(data: Path, run: Path, cfg: PipelineConfig) -> dict:
-        return partition_graph(run, cfg.partition)
-
-    stages = [
-        Stage("build", "graph", ("graph",), build),
-        Stage("partition", "shards", ("partition",), partition),
+    return [
+        Stage("build", "graph", ("graph",), lambda d, r, c: build_graph(d, r, c.graph)),
+        Stage(
+            "partition", "shards", ("partition",), lambda d, r, c: partition_graph(r, c.partition)
+        ),
+        Stage("pretrain", "pretrain", ("pretrain",), lambda d, r, c: run_pretrain(r, c.pretrain)),
+        Stage(
+            "train", "model", ("model", "train"), lambda d, r, c: run_training(r, c.model, c.train)
+        ),
+        Stage("evaluate", "eval", ("evaluate",), lambda d, r, c: run_evaluation(r, c)),
     ]
-    stages += _optional_stages()
-    return stages
-
-
-def _optional_stages() -> list[Stage]:
-    """Stages whose modules may be absent in a partial install (kept explicit, in order)."""
-    out: list[Stage] = []
-    try:
-        from creditgraph.causal.pretrain import run_pretrain
-    except ImportError:  # pragma: no cover - the causal package ships with the platform
-        return out
-
-    def pretrain(data: Path, run: Path, cfg: PipelineConfig) -> dict:
-        return run_pretrain(run, cfg.pretrain)
-
-    out.append(Stage("pretrain", "pretrain", ("pretrain",), pretrain))
-    return out
 
 
 def run_pipeline(
@@ -86,7 +73,7 @@ def run_pipeline(
         section = {s: getattr(cfg, s).model_dump() for s in stage.config_sections}
         fp = fingerprint(stage.name, upstream, section)
         t0 = time.perf_counter()
-        done = (run_dir / stage.folder / "manifest.json").exists()
+        done = (run_dir / stage.folder).is_dir()
         if not force and done and records.get(stage.name) == fp:
             log.info(
                 "stage %s: reusing %s (inputs and config unchanged)",

@@ -67,6 +67,9 @@ class SimulationConfig(BaseModel):
     gang_risk_mean: float = 0.8
     gang_shock_sd: float = 0.7
     gang_fake_volume: float = Field(2.5, ge=1, description="gangs inflate GMV by this factor")
+    exploration_share: float = Field(
+        0.15, ge=0, le=1, description="share of users in randomized limit tests (overlap)"
+    )
     peer_coef: dict[str, float] = Field(
         default_factory=lambda: {"gang": 0.8, "household": 0.3, "office": 0.1}
     )
@@ -254,6 +257,10 @@ def simulate(cfg: SimulationConfig) -> dict[str, pd.DataFrame]:
         + rng.normal(0, 0.45, n)
     )
     limit = np.where(granted, np.clip(np.round(np.exp(log_limit), -2), 500, 150_000), 0.0)
+    # limit tests: a randomized share got a log-uniform limit regardless of the features
+    explore = rng.random(n) < cfg.exploration_share
+    test_limit = np.round(np.exp(rng.uniform(np.log(500), np.log(80_000), n)), -2)
+    limit = np.where(explore, np.where(rng.random(n) < 0.9, test_limit, 0.0), limit)
 
     # --- peer effect: limits already granted to peers when u is decided -------------------
     phi = np.log1p(limit / cfg.peer_scale)

@@ -30,7 +30,7 @@ class PartitionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    part_size: int = Field(5000, ge=10, description="target owned users per part")
+    part_size: int = Field(1000, ge=10, description="target owned users per part")
     num_parts: int | None = Field(None, ge=1, description="overrides part_size when set")
     hops: int = Field(2, ge=0, description="shadow-node depth; must be >= the model's hops")
     seed: int = 0

@@ -1,0 +1,55 @@
+"""Timing and peak-memory measurement shared by the benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from contextlib import contextmanager
+
+import psutil
+
+
+def tree_rss(proc: psutil.Process | None = None) -> int:
+    """Resident memory of a process and all its descendants (Ray workers included), bytes."""
+    proc = proc or psutil.Process()
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_info().rss
+    return total
+
+
+class PeakRSS:
+    """Sample the process tree's RSS in a background thread; ``peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = tree_rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss())
+
+
+@contextmanager
+def stage(results: dict, name: str):
+    """Record wall seconds and peak tree RSS (GiB) of a block under ``results[name]``."""
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+    results[name] = {"seconds": seconds, "peak_rss_gib": mem.peak / 2**30}

@@ -1,0 +1,251 @@
+"""``creditgraph train``: Ray Train's TorchTrainer over the ClusterGCN shards -> ``RUN/model``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from creditgraph.graph.artifacts import GraphArtifacts
+from creditgraph.graph.partition import SHARD_DIR, load_shard, shard_paths
+from creditgraph.model.artifact import save_model
+from creditgraph.model.config import ModelConfig
+from creditgraph.model.net import CreditGraphNet, ModelSpec
+from creditgraph.model.predict import DSLStats, Predictor, predict_shards
+from creditgraph.train.config import TrainConfig
+from creditgraph.train.loop import STATE_FILE, train_loop_per_worker
+from creditgraph.utils.io import atomic_dir, fingerprint, read_json
+from creditgraph.utils.logs import get_logger
+
+log = get_logger(__name__)
+
+MODEL_DIR = "model"
+
+
+def _pretrain(run_dir: Path):
+    from creditgraph.causal.pretrain import PretrainArtifacts
+
+    try:
+        return PretrainArtifacts.load(run_dir)
+    except FileNotFoundError:
+        log.warning("no pretraining artifacts in %s: alpha = 0, no DAG, no GBDT leaves", run_dir)
+        return None
+
+
+def initial_model(
+    run_dir: str | Path, model_cfg: ModelConfig
+) -> tuple[CreditGraphNet, GraphArtifacts, object]:
+    """The untrained model with its data-fitted buffers and frozen pretraining outputs attached."""
+    run_dir = Path(run_dir)
+    art = GraphArtifacts.load(run_dir)
+    pre = _pretrain(run_dir)
+    leaf_vocab = None
+    if pre is not None and model_cfg.use_leaves:
+        leaf_vocab = (np.asarray(pre.leaves).max(axis=0) + 1).astype(int).tolist()
+    spec = ModelSpec(
+        n_features=art.z.shape[1],
+        n_struct=art.struct.shape[1],
+        feature_names=art.feature_names,
+        struct_names=art.manifest["struct_names"],
+        leaf_vocab=leaf_vocab,
+    )
+    if pre is None and model_cfg.use_teacher_score:
+        raise FileNotFoundError(
+            "model.use_teacher_score needs the pretraining stage (RUN/pretrain)"
+        )
+    model = CreditGraphNet(model_cfg, spec)
+    train = art.split_mask("train")
+    model.fit_buffers(
+        torch.tensor(art.users["treatment"].to_numpy()[train], dtype=torch.float32),
+        torch.tensor(art.users["outcome"].to_numpy()[train], dtype=torch.float32),
+    )
+    if pre is not None:
+        model.set_causal(
+            torch.tensor(pre.alpha_filled, dtype=torch.float32),
+            torch.tensor(np.stack([pre.dag_src, pre.dag_dst]), dtype=torch.long),
+        )
+    return model, art, pre
+
+
+def teacher_logits(pre) -> np.ndarray:
+    """The teacher's logit per user: out-of-fold for labeled training users, else the final model."""
+    p = np.clip(np.asarray(pre.soft_label, dtype=np.float64), 1e-5, 1 - 1e-5)
+    return np.log(p / (1 - p)).astype(np.float32)
+
+
+def shard_dataset(run_dir: str | Path, model: CreditGraphNet):
+    """Ray Data dataset of shards: one row per shard file, arrays loaded by Ray Data tasks.
+
+
+    Rows also carry the per-node extras the model needs from pretraining (GBDT leaves, the
+    teacher's logit), gathered by global node id inside the Ray Data task.
+    """
+    import ray.data
+
+    pre_dir = Path(run_dir) / "pretrain"
+    leaves_path = str(pre_dir / "leaves.npy") if model.spec.leaf_vocab is not None else None
+    prior_ref = None
+    if model.prior_dim:
+        from creditgraph.causal.pretrain import PretrainArtifacts
+
+        prior_ref = ray.put(teacher_logits(PretrainArtifacts.load(run_dir)))
+
+    def load_row(row: dict) -> dict:
+        shard = load_shard(row["path"])
+        if leaves_path:
+            shard["leaves"] = np.asarray(np.load(leaves_path, mmap_mode="r")[shard["nodes"]])
+        if prior_ref is not None:
+            shard["prior"] = ray.get(prior_ref)[shard["nodes"]]
+        return shard
+
+    paths = [str(p.resolve()) for p in shard_paths(run_dir)]
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    # Shards are loaded once into the object store (distributed over the cluster's nodes); each
+    # epoch then streams every worker its equal share in a fresh random block order, with no task
+    # start-up per epoch. Loading asks for no CPU so it can run next to the training workers.
+    loaded = ds.map(load_row, num_cpus=0).materialize()
+    return loaded.randomize_block_order()
+
+
+def model_extras(model: CreditGraphNet, pre) -> dict[str, np.ndarray | None]:
+    """The per-node tables a batch needs besides the shard: GBDT leaves and the teacher logit."""
+    return {
+        "leaves": np.asarray(pre.leaves)
+        if pre is not None and model.spec.leaf_vocab is not None
+        else None,
+        "prior": teacher_logits(pre) if pre is not None and model.prior_dim else None,
+    }
+
+
+def fit_dsl_stats(
+    run_dir: Path,
+    model: CreditGraphNet,
+    art: GraphArtifacts,
+    pre,
+    seed: int,
+    max_users: int = 20_000,
+) -> DSLStats:
+    """Reference distributions of the DSL score from (a sample of) the training users.
+
+    Model uncertainty is measured on a fixed grid (0 to the 99th percentile of the training
+    limits) stored with the statistics, so scores on any decision grid stay comparable.
+    """
+    rng = np.random.default_rng(seed)
+    train = np.flatnonzero(art.split_mask("train"))
+    keep = np.zeros(art.n_users, dtype=bool)
+    keep[rng.choice(train, size=min(max_users, len(train)), replace=False)] = True
+    limits = art.users["treatment"].to_numpy()[train]
+    top = float(np.quantile(limits[limits > 0], 0.99)) if (limits > 0).any() else 1.0
+    unc_grid = np.linspace(0.0, top, 11)
+    predictor = Predictor(model, unc_grid, unc_grid=unc_grid, seed=seed)
+    out = predict_shards(predictor, shard_paths(run_dir), keep, **model_extras(model, pre))
+    return DSLStats.fit(out["rep"], out["mc_std"], unc_grid)
+
+
+def run_training(
+    run_dir: str | Path,
+    model_cfg: ModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    *,
+    out_name: str = MODEL_DIR,
+    heartbeat_dir: str | Path | None = None,
+    reuse: bool = False,
+) -> dict:
+    """Train with Ray Train and write ``RUN/<out_name>`` (best weights, config, history).
+
+    With ``reuse``, a model already in ``RUN/<out_name>`` trained from the same graph and configs
+    is kept. A driver restarted with the same inputs and configs resumes from the latest Ray Train
+    checkpoint of its previous attempt (same storage path and run name).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from creditgraph.utils.runtime import init_ray
+
+    model_cfg = model_cfg or ModelConfig()
+    train_cfg = train_cfg or TrainConfig()
+    run_dir = Path(run_dir).resolve()
+    init_ray()
+    shards_manifest = read_json(run_dir / SHARD_DIR / "manifest.json")
+    if shards_manifest["hops"] < model_cfg.hops:
+        raise ValueError(
+            f"shards have {shards_manifest['hops']} shadow hops but the model needs {model_cfg.hops}: "
+            "re-partition with partition.hops >= model.hops"
+        )
+    t0 = time.perf_counter()
+    model, art, pre = initial_model(run_dir, model_cfg)
+    use_gpu = train_cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = bool(ray.cluster_resources().get("GPU", 0) >= train_cfg.num_workers)
+    fp = fingerprint(
+        art.manifest["fingerprint"], model_cfg.model_dump(), train_cfg.model_dump(), out_name
+    )
+    done = run_dir / out_name / "model.json"
+    if reuse and done.exists() and read_json(done).get("summary", {}).get("fingerprint") == fp:
+        log.info("reusing %s (same graph and configs)", run_dir / out_name)
+        return read_json(done)["summary"]
+    storage = train_cfg.storage_path or str(run_dir / "checkpoints")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model": model_cfg.model_dump(),
+            "train": train_cfg.model_dump(),
+            "spec": model.spec.model_dump(),
+            "init_state": model.state_dict(),
+            "heartbeat_dir": str(heartbeat_dir) if heartbeat_dir else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train_cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": train_cfg.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{out_name}-{fp}",
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"shards": shard_dataset(run_dir, model)},
+    )
+    log.info(
+        "training %s on %d Ray Train worker(s)%s, %d epochs max",
+        out_name,
+        train_cfg.num_workers,
+        " (GPU)" if use_gpu else "",
+        train_cfg.epochs,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    history = __import__("json").loads(state["history"])
+    model.load_full_state(state["best_model"] if state["best_model"] is not None else state["ema"])
+    dsl_stats = fit_dsl_stats(run_dir, model, art, pre, train_cfg.seed)
+    seconds = time.perf_counter() - t0
+    restored = sorted({h["restored_from_epoch"] for h in history if h["restored_from_epoch"] >= 0})
+    summary = {
+        "epochs_run": len(history),
+        "best_val_loss": float(state["best_val"]),
+        "restored_from_epochs": restored,
+        "workers": train_cfg.num_workers,
+        "seconds": seconds,
+        "owned_nodes_per_s": float(np.median([h["owned_nodes_per_s"] for h in history])),
+        "fingerprint": fp,
+    }
+    with atomic_dir(run_dir / out_name) as tmp:
+        save_model(
+            tmp, model, {"train": train_cfg.model_dump(), "history": history, "summary": summary}
+        )
+        dsl_stats.save(tmp)
+    log.info(
+        "trained %s: %d epochs, best val BCE %.4f, %.0f owned nodes/s, %.0fs",
+        out_name,
+        summary["epochs_run"],
+        summary["best_val_loss"],
+        summary["owned_nodes_per_s"],
+        seconds,
+    )
+    return summary
