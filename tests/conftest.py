@@ -60,3 +60,30 @@ def redis_url(tmp_path_factory):
         pytest.fail("redis-server is not on PATH; apt-get install -y redis-server", pytrace=False)
     with local_redis(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(built_run):
+    """``built_run`` with the causal pretraining stage (teacher, alpha, DAG)."""
+    from creditgraph.causal.config import PretrainConfig
+    from creditgraph.causal.pretrain import run_pretrain
+
+    if not (built_run / "pretrain" / "manifest.json").exists():
+        run_pretrain(built_run, PretrainConfig())
+    return built_run
+
+
+@pytest.fixture(scope="session")
+def trained_run(pretrained_run):
+    """A small trained model in ``RUN/model`` (1 worker, a few epochs): for scoring and serving."""
+    from creditgraph.model.config import ModelConfig
+    from creditgraph.train.config import TrainConfig
+    from creditgraph.train.trainer import run_training
+
+    if not (pretrained_run / "model" / "model.json").exists():
+        run_training(
+            pretrained_run,
+            ModelConfig(hidden=16, heads=2, mc_dropout_samples=3),
+            TrainConfig(epochs=3, num_workers=1, seed=1),
+        )
+    return pretrained_run

@@ -16,6 +16,7 @@ from creditgraph.policy.decide import (
     BINDINGS,
     allocate_cluster_caps,
     decide,
+    decide_with_caps,
     effective_ceiling,
     largest_feasible_limit,
     online_decision,
@@ -114,6 +115,13 @@ def test_cluster_caps_within_budget_add_up_to_the_cap():
     assert caps[1] == 0  # no demand, no share of the slack when others have demand
     assert np.allclose(caps[3:5], 10_000)  # nobody asks: equal shares
     assert np.allclose(caps[5:], [20_000 / 3, 40_000 / 3])  # over the cap: proportional
+    # a share that is a grid point up to float error stays on it: 11,000 x 9,100 / 13,000 is
+    # 7,700 exactly but 7,699.999... in floating point (a grid of step 100)
+    demand = np.array([1_000.0, 1_000.0, 11_000.0])
+    tight = ClusterConfig(cap_per_member=None, cap_total=9_100)
+    caps = allocate_cluster_caps(demand, np.zeros(3, int), tight)
+    snapped = np.floor(caps / 100) * 100
+    assert snapped.tolist() == [700, 700, 7_700] and snapped.sum() <= 9_100
 
 
 def test_dsl_rule_is_monotone():
@@ -166,6 +174,29 @@ def test_online_decision_equals_batch():
             curves, GRID, r_max, dsl_score=dsl, cluster_id=cid, guardrail_hits=rules, config=cfg
         )
         assert set(t.binding_constraint) == set(BINDINGS)
+        # the distributed form: demands per chunk, one allocation, final decisions per chunk
+        demand = np.concatenate(
+            [
+                decide(
+                    curves[c], GRID, r_max[c], dsl_score=dsl[c], guardrail_hits=rules[c], config=cfg
+                ).limit
+                for c in np.array_split(np.arange(n), 3)
+            ]
+        )
+        caps = allocate_cluster_caps(demand, cid, cfg.clusters)
+        assert np.array_equal(caps, t.user_cap)
+        for c in np.array_split(np.arange(n), 4):
+            part = decide_with_caps(
+                curves[c],
+                GRID,
+                r_max[c],
+                user_cap=np.where(np.isinf(caps[c]), np.nan, caps[c]),  # as read back from parquet
+                dsl_score=dsl[c],
+                cluster_id=cid[c],
+                guardrail_hits=rules[c],
+                config=cfg,
+            )
+            assert part.to_frame().equals(t.to_frame().iloc[c].reset_index(drop=True))
         for i in range(n):
             one = online_decision(
                 curves[i],
@@ -249,6 +280,8 @@ def test_clusters_follow_high_confidence_links_only():
     cl = build_clusters(_links(rows), 9, ENTITIES, decision_time=20.0)
     assert _groups(cl) == {frozenset({0, 1, 3})}
     assert cl.cluster_id[[2, 4, 5, 6, 7, 8]].tolist() == [-1] * 6
+    with pytest.raises(TypeError, match="clusters_for_dataset"):
+        build_clusters(_links(rows), 9, ENTITIES)
     assert cl.size_of_user()[[0, 2]].tolist() == [3, 1]
     later = build_clusters(_links(rows), 9, ENTITIES, decision_time=30.0)
     assert _groups(later) == {frozenset({0, 1, 3}), frozenset({6, 7})}

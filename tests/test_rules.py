@@ -188,8 +188,8 @@ def test_different_seeds_mine_different_candidates(uci):
     a = mine_rules(Xa, y.astype(float), names, params, n_estimators=4, seed=1, use_ray=False)
     b = mine_rules(Xa, y.astype(float), names, params, n_estimators=4, seed=2, use_ray=False)
     c = mine_rules(Xa, y.astype(float), names, params, n_estimators=4, seed=1, use_ray=False)
-    assert [r.key for r in a.rules] == [r.key for r in c.rules]
-    assert {r.key for r in a.rules} != {r.key for r in b.rules}
+    assert [r.key for r in a] == [r.key for r in c]
+    assert {r.key for r in a} != {r.key for r in b}
 
 
 # --- internals checked against slow reference versions --------------------------------------
@@ -357,6 +357,17 @@ def test_cli_rules_on_a_dataset_directory(tmp_path, ray_session):
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["target"] == "default"  # the dataset's outcome column
-    assert "credit_limit" in summary["features"]  # the treatment is a feature by default
+    assert "credit_limit" not in summary["features"]  # the treatment only on request
     assert summary["rows"]["unlabeled_dropped"] > 0
     assert summary["train"]["confidence"] is None or summary["train"]["confidence"] >= 0.3
+    # the guardrail path: a stored rule set applied to a dataset's users
+    from creditgraph.data.load import load_dataset
+    from creditgraph.rules.learn import dataset_features
+
+    ds = load_dataset(data)
+    frame = dataset_features(ds)
+    rs = RuleSet.load(out / "rules.json")
+    hit = rs.match(frame)
+    assert len(hit) == ds.n_users
+    np.testing.assert_array_equal(hit != None, rs.predict(frame).astype(bool))  # noqa: E711
+    assert set(hit[hit != None]) <= {r.name for r in rs}  # noqa: E711

@@ -196,8 +196,10 @@ def test_file_store_modes(tmp_path):
     with FileStore(path, writable=True) as st:  # in-place updates (WAL)
         st.put_arrays("user", [1], [np.ones(1)])
         st.put_json("k", [1, 2])
+    with open_store(path, writable=True) as st:
+        st.put_arrays("user", [3], [np.ones(1)])
     with open_store(path) as st:  # a plain path works like file://
-        assert isinstance(st, FileStore)
+        assert isinstance(st, FileStore) and st.count("user") == 2
         assert _same(st.get_array("user", 1), np.ones(1)) and st.get_json("k") == [1, 2]
         with pytest.raises(PermissionError):
             st.put_arrays("user", [2], [np.ones(1)])
@@ -210,7 +212,7 @@ def test_uri_and_input_validation(tmp_path, redis_url):
         open_store("s3://bucket/store")
     with pytest.raises(ValueError, match="local"):
         open_store("file://otherhost/x.db")
-    with open_store(f"{redis_url}?prefix=xyz&version=v9") as st:
+    with open_store(f"{redis_url}?prefix=xyz&version=v9", writable=True) as st:
         assert isinstance(st, RedisStore) and st.prefix == "xyz" and st.version == "v9"
     for bad in ({"version": "v*"}, {"prefix": "cg:x"}):
         with pytest.raises(ValueError, match="invalid"):

@@ -188,6 +188,109 @@ def evaluate(
     console.print(f"figures and metrics: {report['eval_dir']}")
 
 
+@app.command()
+def embed(
+    run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
+    store: Annotated[str | None, typer.Option(help="store URI (file path or redis://...)")] = None,
+    address: Address = None,
+) -> None:
+    """Batch stage of two-stage inference: write every user's graph context to the store."""
+    from creditgraph.serving.embed import build_embeddings
+
+    _ray(address)
+    try:
+        console.print_json(data=build_embeddings(run, store))
+    except FileNotFoundError as exc:
+        _fail(exc)
+
+
+@app.command()
+def score(
+    run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
+    data: Annotated[Path, typer.Option("--data", help="dataset directory of the users to score")],
+    out: Annotated[Path, typer.Option("--out", help="output directory (written atomically)")],
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
+    grid: Annotated[
+        str | None, typer.Option(help="limits grid as start:stop:step, e.g. 0:50000:1000")
+    ] = None,
+    r_max: Annotated[float | None, typer.Option("--r-max", min=0.0, max=1.0)] = None,
+    store: Annotated[str | None, typer.Option(help="embedding store URI")] = None,
+    rules: Annotated[Path | None, typer.Option(help="rule set directory (guardrails)")] = None,
+    skip_unknown: Annotated[bool, typer.Option(help="skip users unknown to the graph")] = False,
+    max_actors: Annotated[int, typer.Option(min=1, help="autoscaling actor pool max size")] = 2,
+    address: Address = None,
+) -> None:
+    """Rescore users in batch (Ray Data): risk curves and decided limits."""
+    import numpy as np
+
+    from creditgraph.config import PipelineConfig
+    from creditgraph.serving.score import score_users
+
+    cfg = PipelineConfig.load(config)
+    grid_values = None
+    if grid:
+        try:
+            start, stop, step = (float(x) for x in grid.split(":"))
+            from creditgraph.policy.config import GridConfig
+
+            grid_values = GridConfig(start=start, stop=stop, step=step).values()
+        except Exception as exc:  # bad syntax or a grid the policy refuses
+            _fail(ValueError(f"--grid {grid!r}: {exc}"))
+    _ray(address)
+    try:
+        summary = score_users(
+            run,
+            data,
+            out,
+            cfg,
+            grid=None if grid_values is None else np.asarray(grid_values),
+            r_max=r_max,
+            store_uri=store,
+            rules_dir=str(rules) if rules else None,
+            skip_unknown=skip_unknown,
+            max_actors=max_actors,
+        )
+    except (DataValidationError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    console.print_json(data=summary)
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
+    store: Annotated[str | None, typer.Option(help="embedding store URI")] = None,
+    rules: Annotated[Path | None, typer.Option(help="rule set directory (guardrails)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml (policy)")] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: Address = None,
+) -> None:
+    """Start the online decision API (Ray Serve) and block; Ctrl-C stops it."""
+    import time
+
+    from ray import serve as ray_serve
+
+    from creditgraph.serving.app import build_app
+
+    _ray(address)
+    ray_serve.start(http_options={"host": host, "port": port})
+    args = {
+        "run_dir": str(run.resolve()),
+        "store_uri": store,
+        "rules_dir": str(rules) if rules else None,
+        "policy_config": str(config) if config else None,
+    }
+    ray_serve.run(build_app(args), name="creditgraph", route_prefix="/")
+    console.print(
+        f"decision API on http://{host}:{port}/v1/decisions (docs: /docs); Ctrl-C to stop"
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+
+
 @app.command("run")
 def run_all(
     data: Annotated[Path, typer.Option("--data", help="dataset directory")],

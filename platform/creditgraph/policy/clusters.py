@@ -15,7 +15,8 @@ address, a household member works in an office) chains into one giant component 
 dense enough, and a cap on the total limit of thousands of unrelated users means nothing. So a
 component with more than ``split_above`` users is split into communities by Louvain modularity
 (networkx, seeded) on the component's user-user projection, where an entity of type weight ``w``
-shared by ``k`` users adds ``w / (k - 1)`` to each pair it ties; smaller components are kept
+shared by ``k`` users adds ``w / (k - 1)`` to each pair it ties: the coarsest level of the
+Louvain hierarchy whose communities all fit under ``split_above``. Smaller components are kept
 whole. (Louvain on the bipartite user-entity graph itself was tried and rejected: it splits off a
 pair of users bridged by one entity even when each shares several entities with its own group.)
 
@@ -24,12 +25,12 @@ of the batch (:func:`clusters_for_dataset`), not per user, because a cluster cap
 shared by all its members at the moment limits are granted. ``t`` is an argument, so a decision
 can be replayed as of any date.
 
-Scale (``benchmarks/bench_policy.py``, 1M simulated users, 5.6M links, 2 shared cores): the
-whole computation takes about 7 s with the 90-day window and 14 s over the whole past with
-networkx's connected components (the default); most of it is the vectorized preparation (entity
-codes, degrees, windows). ``method="scipy"`` uses :func:`scipy.sparse.csgraph.connected_components`
-instead: identical clusters, about 4 s faster and lighter when the graph has millions of ties.
-Splitting a percolating 280k-user component with Louvain takes about two minutes.
+Scale (``benchmarks/bench_policy.py``, 1M simulated users, 5.7M links, 2 shared cores): about
+8 s with the 90-day window and 22 s over the whole past with networkx's connected components
+(the default); most of it is the vectorized preparation (entity codes, degrees, windows).
+``method="scipy"`` uses :func:`scipy.sparse.csgraph.connected_components` instead: identical
+clusters, about 8 s faster on the whole-past graph. Splitting a percolating 280k-user component
+with Louvain takes about two minutes.
 """
 
 from __future__ import annotations
@@ -175,15 +176,22 @@ def _user_projection(
 
 
 def _communities(g: Any, split_above: int, seed: int, depth: int = 0) -> list[set]:
-    """Louvain communities of ``g``; one still above ``split_above`` users is split again (a
-    single Louvain pass leaves large communities in large graphs: its resolution limit)."""
+    """Louvain communities of ``g``: the coarsest level of the Louvain hierarchy whose
+    communities all have at most ``split_above`` users (the first level if none does; a
+    community still above it is split again on its own)."""
     import networkx as nx
 
-    out = []
-    parts = nx.community.louvain_communities(g, weight="weight", seed=seed)
-    for c in parts:
-        if len(c) > split_above and len(parts) > 1 and depth < 4:
-            out.extend(_communities(g.subgraph(c), split_above, seed, depth + 1))
+    best: list[set] | None = None
+    for level in nx.community.louvain_partitions(g, weight="weight", seed=seed):
+        if best is not None and max(len(c) for c in level) > split_above:
+            break
+        best = level
+    if best is None:  # an empty graph
+        return []
+    out: list[set] = []
+    for c in best:
+        if len(c) > split_above and len(best) > 1 and depth < 4:
+            out.extend(_communities(g.subgraph(c).copy(), split_above, seed, depth + 1))
         else:
             out.append(c)
     return out
@@ -228,7 +236,7 @@ def build_clusters(
     links: pd.DataFrame | None,
     n_users: int,
     entities: dict[str, EntityType],
-    decision_time: float | str | pd.Timestamp,
+    decision_time: float | str | pd.Timestamp | None = None,
     *,
     history_days: float | None = None,
     min_size: int = 2,
@@ -243,6 +251,11 @@ def build_clusters(
     ``split_above=None`` keeps every connected component whole.
     """
     t0 = time.perf_counter()
+    if decision_time is None:
+        raise TypeError(
+            "build_clusters needs a decision_time; clusters_for_dataset(ds, config=...) uses the "
+            "batch's latest as_of and the dataset's history window"
+        )
     t = to_days(decision_time)
     if min_size < 2:
         raise ValueError("min_size must be >= 2")

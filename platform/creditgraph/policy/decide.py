@@ -23,7 +23,9 @@ batch scoring and serving all call :func:`largest_feasible_limit`. On top of it,
 
 The per-user cap (``user_cap``, ``inf`` = none) is part of the batch output: the online path,
 which decides one user at a time, passes it to :func:`online_decision` and gets exactly the
-batch's decision for the same curve.
+batch's decision for the same curve. A batch decided in chunks on several workers uses
+:func:`decide_with_caps` for its second pass (demands per chunk, one global allocation by
+:func:`allocate_cluster_caps`, final decisions per chunk): same result as one :func:`decide`.
 
 Every decision reports the constraint that bound it (``binding_constraint``), the last one that
 lowered the limit in the order above: ``cluster_cap`` (lowered by the cluster's cap),
@@ -369,7 +371,9 @@ def allocate_cluster_caps(
     capped = np.isfinite(cap[inv])
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(total[inv] > 0, d / total[inv], 1.0 / size[inv])
-        scaled = d * (cap[inv] / total[inv])
+        # 1e-12 relative: a share that is a grid point up to float error is not snapped a
+        # whole step down (the excess over the cap this can cause is < 1e-12 of it)
+        scaled = d * (cap[inv] / total[inv]) * (1.0 + 1e-12)
         within = d + (cap[inv] - total[inv]) * share
     user_cap[inside] = np.where(~capped, np.inf, np.where(over[inv], scaled, within))
     return user_cap
@@ -431,6 +435,42 @@ def decide(
     )
     user_cap = allocate_cluster_caps(grid[st.i_guard], cid, config.clusters)
     return _final_stage(curves, grid, st, user_cap, cid, config)
+
+
+def decide_with_caps(
+    curves: np.ndarray,
+    grid: np.ndarray | None = None,
+    r_max: float | np.ndarray | None = None,
+    *,
+    user_cap: np.ndarray,
+    dsl_score: float | np.ndarray | None = None,
+    cluster_id: np.ndarray | None = None,
+    guardrail_hits: np.ndarray | list | None = None,
+    config: PolicyConfig | None = None,
+) -> DecisionTable:
+    """Decisions with the per-user caps already allocated: the second pass of a distributed run.
+
+    A batch spread over workers decides in two passes: (1) each chunk runs :func:`decide` without
+    ``cluster_id`` (its ``limit`` is each user's demand), (2) one place allocates
+    :func:`allocate_cluster_caps` over all users, (3) each chunk runs this function with its
+    users' ``user_cap`` (``inf`` or NaN = none). The result equals :func:`decide` on all users at
+    once, row for row; ``cluster_id`` is only reported.
+    """
+    curves, grid, config = _as_inputs(curves, grid, config)
+    n = curves.shape[0]
+    cap = np.asarray(user_cap, dtype=np.float64).reshape(-1)
+    if cap.shape != (n,):
+        raise ValueError(f"user_cap must have shape ({n},), got {cap.shape}")
+    cap = np.where(np.isnan(cap), np.inf, cap)
+    if np.any(cap < 0):
+        raise ValueError("user_cap must be >= 0")
+    cid = np.full(n, -1, dtype=np.int64) if cluster_id is None else np.asarray(cluster_id)
+    if cid.shape != (n,) or cid.dtype.kind not in "iu":
+        raise ValueError(f"cluster_id must be integers of shape ({n},)")
+    st = _risk_stage(
+        curves, grid, config.r_max if r_max is None else r_max, dsl_score, guardrail_hits, config
+    )
+    return _final_stage(curves, grid, st, cap, cid.astype(np.int64), config)
 
 
 def online_decision(

@@ -19,7 +19,9 @@ class RulesConfig(BaseModel):
     )
     seed: int = 0
     include_treatment: bool = Field(
-        True, description="use the historical limit (treatment) as a feature"
+        False,
+        description="also use the historical limit (treatment) as a feature; off by default so "
+        "that rules need only the features the scoring path has",
     )
     exclude: list[str] = Field(default_factory=list, description="columns never used as features")
     estimator: dict[str, Any] = Field(

@@ -1,13 +1,14 @@
 """``ConstrainedRuleSet``: CRSL as a scikit-learn-style estimator.
 
 fit = CARM candidate mining (Ray tasks, bootstraps of the mining rows) -> three-filter ranking
-(stability measured on held-out validation rows) -> constraint-adaptive Bayesian selection by
-MCMC on all training rows. The selected set's confidence on the training rows is at least
-``min_confidence`` (a hard constraint); more precisely the Wilson lower bound with
-``confidence_z`` standard errors must reach it, on all training rows and on the out-of-bag
-rows of each rule (see :mod:`creditgraph.rules.selection`), so that held-out confidence
-usually meets the target too. If no set of candidates meets the constraint the result is an
-empty rule set (nothing flagged) and a warning says so.
+(stability measured on the validation rows) -> constraint-adaptive Bayesian selection by MCMC
+on all training rows. The training rows are split (stratified) into mining and validation
+rows; no candidate is mined on a validation row, which makes them the honest check of a set.
+The constraint is hard: the Wilson lower bound (``confidence_z`` standard errors) of the
+selected set's confidence must reach ``min_confidence`` on all training rows (so its training
+confidence does) and on the validation rows, so that held-out confidence usually meets the
+target too. If no set of candidates meets it the rule set is empty (nothing is flagged) and a
+warning says so.
 """
 
 from __future__ import annotations
@@ -98,11 +99,14 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
         number of rules and on rule length (``max_rules`` is also a hard cap).
     tp_weight : nats of log likelihood per true positive on top of the beta-binomial
         likelihood: coverage grows until the constraint, not the likelihood, stops it.
+    min_rule_gain : after the search, rules adding fewer than this share of the set's true
+        positives are dropped (weakest first, while the constraint holds).
     confidence_z : margin of the constraint: the Wilson lower bound (z standard errors) of the
-        set's confidence on the training rows, and on each rule's out-of-bag rows, must reach
-        c; 0 = plain training confidence >= c.
+        set's confidence must reach c on all training rows and on the validation rows;
+        0 = plain confidence >= c on both.
     n_iterations, n_chains : MCMC length and number of seeded chains (Ray tasks).
-    validation_fraction : share of training rows held out from mining for the stability filter.
+    validation_fraction : share of training rows held out from mining: the stability filter
+        and the honest half of the constraint use them.
     random_state : seed of everything random; same seed, same data -> same rules.
     use_ray : grow trees and run chains as Ray tasks (False: in-process, same result).
     """
@@ -125,10 +129,11 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
         max_length: int = 8,
         lambda_length: float = 2.0,
         tp_weight: float = 1.0,
-        confidence_z: float = 2.0,
+        min_rule_gain: float = 0.02,
+        confidence_z: float = 1.5,
         n_iterations: int = 2000,
         n_chains: int = 3,
-        validation_fraction: float = 0.2,
+        validation_fraction: float = 0.5,
         random_state: int = 0,
         use_ray: bool = True,
     ) -> None:
@@ -147,6 +152,7 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
         self.max_length = max_length
         self.lambda_length = lambda_length
         self.tp_weight = tp_weight
+        self.min_rule_gain = min_rule_gain
         self.confidence_z = confidence_z
         self.n_iterations = n_iterations
         self.n_chains = n_chains
@@ -202,7 +208,7 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
             fitness_prior=self.fitness_prior,
         )
         t0 = time.perf_counter()
-        mined = mine_rules(
+        candidates = mine_rules(
             X_mine,
             y_mine.astype(np.float64),
             names,
@@ -215,7 +221,6 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
         t_mine = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        candidates, origin = mined.rules, mined.tree
         cov_all = coverage_matrix(candidates, Xa, names)
         # drop candidates with identical coverage of the training rows (shortest kept)
         order = sorted(range(len(candidates)), key=lambda i: (candidates[i].length, i))
@@ -227,7 +232,7 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
                 seen.add(sig)
                 uniq.append(i)
         uniq.sort()
-        candidates, origin, cov_all = [candidates[i] for i in uniq], origin[uniq], cov_all[uniq]
+        candidates, cov_all = [candidates[i] for i in uniq], cov_all[uniq]
         ranking = rank_rules(
             cov_all[:, mine_idx],
             y_mine,
@@ -239,44 +244,39 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
         kept = ranking.kept
         pool = [candidates[i] for i in kept]
         cov_pool = cov_all[kept]
-        # honest coverage: each rule on the mining rows its tree did not see (out-of-bag).
-        # Validation rows are not honest any more: the stability filter chose rules on them.
-        honest = np.zeros_like(cov_pool)
-        for t in np.unique(origin[kept]):
-            rows = np.flatnonzero(origin[kept] == t)
-            oob = mine_idx[~mined.in_bag(int(t))]
-            honest[np.ix_(rows, oob)] = cov_pool[np.ix_(rows, oob)]
         t_rank = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        bayes = BayesParams(
-            min_confidence=c,
-            confidence_z=self.confidence_z,
-            max_rules=self.max_rules,
-            lambda_rules=self.lambda_rules,
-            max_length=self.max_length,
-            lambda_length=self.lambda_length,
-            tp_weight=self.tp_weight,
-            n_iterations=self.n_iterations,
-        )
+        chosen: list[int] = []
         if pool:
+            bayes = BayesParams(
+                min_confidence=c,
+                confidence_z=self.confidence_z,
+                max_rules=self.max_rules,
+                lambda_rules=self.lambda_rules,
+                max_length=self.max_length,
+                lambda_length=self.lambda_length,
+                tp_weight=self.tp_weight,
+                min_rule_gain=self.min_rule_gain,
+                n_iterations=self.n_iterations,
+            )
             lengths = np.array([r.length for r in pool], dtype=np.int64)
-            result = select_rules(
+            chosen = select_rules(
                 cov_pool,
                 ya,
                 lengths,
                 bayes,
-                honest=honest,
+                honest_cov=cov_pool[:, val_idx],  # no candidate was mined on these rows
+                honest_y=ya[val_idx],
                 n_chains=self.n_chains,
                 seed=self.random_state,
                 use_ray=self.use_ray,
-            )
-            chosen = result.selected
-        else:
-            chosen = []
+            ).selected
         t_select = time.perf_counter() - t0
-        h_flag = honest[chosen].any(axis=0) if chosen else np.zeros(len(ya), dtype=bool)
-        h_tp = int((h_flag & (ya == 1)).sum())
+        v_flag = (
+            cov_pool[chosen][:, val_idx].any(axis=0) if chosen else np.zeros(len(val_idx), bool)
+        )
+        v_tp = int((v_flag & (ya[val_idx] == 1)).sum())
 
         rules = self._finalize([pool[i] for i in chosen], cov_pool[chosen], ya)
         flagged = cov_pool[chosen].any(axis=0) if chosen else np.zeros(len(ya), dtype=bool)
@@ -294,8 +294,8 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
             "train_flagged": n_flag,
             "train_confidence": tp / n_flag if n_flag else None,
             "train_recall": tp / int(ya.sum()),
-            "honest_flagged": int(h_flag.sum()),
-            "honest_confidence": h_tp / int(h_flag.sum()) if h_flag.any() else None,
+            "validation_flagged": int(v_flag.sum()),
+            "validation_confidence": v_tp / int(v_flag.sum()) if v_flag.any() else None,
             "uncovered_positive_rate": else_rate,
             "seconds": {
                 "mine": t_mine,
@@ -306,8 +306,8 @@ class ConstrainedRuleSet(ClassifierMixin, BaseEstimator):
         }
         if not rules:
             log.warning(
-                "no rule set meets confidence %.3g on the training data (z=%.2g): the rule set "
-                "is empty and flags nothing",
+                "no rule set meets confidence %.3g on the training and validation rows "
+                "(z=%.2g): the rule set is empty and flags nothing",
                 c,
                 self.confidence_z,
             )

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from creditgraph.data.errors import DataValidationError
+from creditgraph.data.load import Dataset
 from creditgraph.rules.config import RulesConfig
 from creditgraph.rules.estimator import ConstrainedRuleSet, stratified_split
 from creditgraph.rules.export import write_exports
@@ -68,11 +69,21 @@ def _labels(values: pd.Series, file: str, column: str) -> tuple[np.ndarray, np.n
     return y, labeled
 
 
+def dataset_features(ds: Dataset, include_treatment: bool = False) -> pd.DataFrame:
+    """The columns rules are learned on and applied to, named as in ``dataset.yaml``: the
+    dataset's features (NaN = missing) and, optionally, the historical limit under the
+    treatment column's name. Use it to apply a learned rule set to a dataset's users."""
+    cols = {f: ds.users[f].to_numpy(dtype=np.float64) for f in ds.feature_names}
+    if include_treatment:
+        cols[ds.spec.treatment] = ds.users["treatment"].to_numpy(dtype=np.float64)
+    return pd.DataFrame(cols, index=ds.users.index)
+
+
 def load_training_table(
     data: str | Path,
     target: str | None = None,
     exclude: list[str] | tuple[str, ...] = (),
-    include_treatment: bool = True,
+    include_treatment: bool = False,
 ) -> TrainingTable:
     """Features and labels from a dataset directory (the data contract) or a CSV/parquet file.
 
@@ -89,9 +100,7 @@ def load_training_table(
         ds = load_dataset(data, with_truth=False)
         spec, users = ds.spec, ds.users
         file = str(data / spec.users)
-        cols = {f: users[f] for f in ds.feature_names}
-        if include_treatment:
-            cols[spec.treatment] = users["treatment"]
+        cols = dict(dataset_features(ds, include_treatment).items())
         if target is None or target in (spec.outcome, "outcome"):
             target_name, y_raw = spec.outcome, users["outcome"]
         elif target in cols:

@@ -143,11 +143,7 @@ def best_split(
 def tree_sample(
     seed: int, n: int, d: int, max_features: float, bootstrap: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The feature subset and bootstrap row weights of the tree with this seed.
-
-    Deterministic in its arguments, so the driver can recompute which rows a tree saw (its
-    in-bag rows) without shipping them back from the Ray task.
-    """
+    """The feature subset and bootstrap row weights of the tree with this seed."""
     rng = np.random.default_rng(seed)
     k = max(1, round(max_features * d))
     feats = np.sort(rng.choice(d, size=k, replace=False))
@@ -208,15 +204,11 @@ def grow_tree(
     return paths
 
 
-def paths_to_rules(
-    trees: list[list[tuple[PathCond, ...]]], feature_names: list[str]
-) -> tuple[list[Rule], np.ndarray]:
-    """Turn the trees' paths into simplified, de-duplicated rules (first occurrence kept);
-    also return the index of the tree each rule comes from."""
+def paths_to_rules(trees: list[list[tuple[PathCond, ...]]], feature_names: list[str]) -> list[Rule]:
+    """Turn the trees' paths into simplified, de-duplicated rules (first occurrence kept)."""
     seen: set[tuple] = set()
     rules: list[Rule] = []
-    origin: list[int] = []
-    for t, path in ((t, p) for t, tree in enumerate(trees) for p in tree):
+    for path in (p for tree in trees for p in tree):
         conds = [
             Condition(feature_names[f], op, None if np.isnan(t) else t, inc)  # type: ignore[arg-type]
             for f, op, t, inc in path
@@ -229,28 +221,7 @@ def paths_to_rules(
             continue
         seen.add(rule.key)
         rules.append(rule)
-        origin.append(t)
-    return rules, np.asarray(origin, dtype=np.int64)
-
-
-@dataclass
-class MinedRules:
-    """Candidate rules, the tree each came from, and how to recompute that tree's rows."""
-
-    rules: list[Rule]
-    tree: np.ndarray
-    seeds: list[int]
-    max_features: float
-    bootstrap: bool
-    n_rows: int
-    n_features: int
-
-    def in_bag(self, t: int) -> np.ndarray:
-        """bool[n_rows]: the mining rows tree ``t`` was grown on."""
-        _, w = tree_sample(
-            self.seeds[t], self.n_rows, self.n_features, self.max_features, self.bootstrap
-        )
-        return w > 0
+    return rules
 
 
 def mine_rules(
@@ -263,7 +234,7 @@ def mine_rules(
     seed: int = 0,
     use_ray: bool = True,
     bootstrap: bool = True,
-) -> MinedRules:
+) -> list[Rule]:
     """Grow ``n_estimators`` CARM trees (Ray tasks when ``use_ray``) and collect their rules.
 
     Tree ``i`` gets its own child seed of ``seed``, so the result does not depend on where or
@@ -282,9 +253,9 @@ def mine_rules(
         trees = ray.get(refs)
     else:
         trees = [grow_tree(X, y, s, params, max_features, bootstrap) for s in seeds]
-    rules, origin = paths_to_rules(trees, feature_names)
+    rules = paths_to_rules(trees, feature_names)
     log.debug("mined %d paths -> %d distinct rules", sum(map(len, trees)), len(rules))
-    return MinedRules(rules, origin, seeds, max_features, bootstrap, *X.shape)
+    return rules
 
 
 def coverage_matrix(rules: list[Rule], X: np.ndarray, feature_names: list[str]) -> np.ndarray:

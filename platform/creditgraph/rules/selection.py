@@ -13,10 +13,10 @@ Log posterior of a rule set S over the candidates, up to a constant:
 - constraint penalty: log −inf (posterior zero) unless the Wilson lower bound
   (``confidence_z`` standard errors) of the set's confidence reaches c both
   (1) on all selection rows, which implies confidence >= c on the training data, and
-  (2) on the *honest* rows: for each rule only the mining rows its tree did not see
-      (out-of-bag). A rule looks better on the rows it was mined on than it is, so a set that
-      just meets c on them tends to miss c on new data; the margin and the honest rows are
-      there so that held-out confidence usually meets c as well.
+  (2) on the *honest* rows, rows no candidate was mined on (the validation rows). A rule
+      looks better on the rows it was mined on than it is, so a set that just meets c there
+      tends to miss c on new data; the honest rows and the margin are there so that held-out
+      confidence usually meets c as well.
 
 The search starts from the empty set (always feasible) and proposes add / remove / replace
 moves with equal probability; which rule is added or removed is drawn from a softmax of the
@@ -47,7 +47,7 @@ class BayesParams:
     """Hyper-parameters of the posterior and of the search."""
 
     min_confidence: float
-    confidence_z: float = 2.0
+    confidence_z: float = 1.5
     max_rules: int = 10
     lambda_rules: float = 5.0
     max_length: int = 8
@@ -58,6 +58,7 @@ class BayesParams:
     alpha_neg: float = 1.0
     beta_neg: float = 1.0
     n_iterations: int = 2000
+    min_rule_gain: float = 0.02
     t_start: float = 0.05
     t_end: float = 0.0005
 
@@ -271,25 +272,58 @@ def run_chain(
     return best
 
 
+def prune(
+    mats: list[np.ndarray], lengths: np.ndarray, params: BayesParams, selected: list[int]
+) -> list[int]:
+    """Drop rules that add fewer than ``min_rule_gain`` of the set's true positives.
+
+    The weakest rule goes first, and only while the set stays feasible: a short list of rules
+    that each matter is easier to read, check and deploy than a long tail of tiny ones.
+    """
+    post = Posterior(lengths, mats[0].shape[1], mats[1].shape[1], params)
+    sel = list(selected)
+    while len(sel) > 1:
+        state = _Coverage(mats)
+        for r in sel:
+            state.add(r)
+        counts = np.array([np.count_nonzero(c) for c in state.cnt], dtype=np.int64)
+        uniq = [state.unique(r) for r in sel]
+        gains = np.array([u[TP].size for u in uniq])
+        for k in np.argsort(gains, kind="stable"):
+            if gains[k] >= params.min_rule_gain * counts[TP]:
+                return sel
+            after = counts - np.array([u.size for u in uniq[k]])
+            if post.feasible(after):
+                sel.pop(int(k))
+                break
+        else:
+            return sel
+    return sel
+
+
 def select_rules(
     cov: np.ndarray,
     y: np.ndarray,
     lengths: np.ndarray,
     params: BayesParams,
-    honest: np.ndarray | None = None,
+    honest_cov: np.ndarray | None = None,
+    honest_y: np.ndarray | None = None,
     n_chains: int = 3,
     seed: int = 0,
     use_ray: bool = True,
 ) -> ChainResult:
     """Run ``n_chains`` seeded chains (Ray tasks when ``use_ray``); return the best set found.
 
-    ``cov``: bool[rules, rows] coverage of the selection rows; ``honest``: the same restricted
-    to the rows each rule was not mined on (default: ``cov``, every row honest).
+    ``cov``: bool[rules, rows] coverage of the selection rows with labels ``y``;
+    ``honest_cov`` / ``honest_y``: the same for the honest rows, which no rule was mined on
+    (default: the selection rows themselves).
     """
-    pos = y == 1
-    honest = cov if honest is None else honest
-    # order: cov positives, cov negatives, honest positives, honest negatives
-    mats = [np.ascontiguousarray(m[:, sel]) for m in (cov, honest) for sel in (pos, ~pos)]
+    if honest_cov is None:
+        honest_cov, honest_y = cov, y
+    mats = []
+    for m, labels in ((cov, y), (honest_cov, honest_y)):
+        pos = np.asarray(labels) == 1
+        mats += [np.ascontiguousarray(m[:, pos]), np.ascontiguousarray(m[:, ~pos])]
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n_chains)]
     lengths = np.asarray(lengths)
     if use_ray and n_chains > 1:
@@ -305,4 +339,6 @@ def select_rules(
         results = [run_chain(mats, lengths, params, s) for s in seeds]
     best = max(results, key=lambda r: r.log_post)  # first chain wins ties: deterministic
     log.debug("chains: %s", [round(r.log_post, 1) for r in results])
+    if params.min_rule_gain > 0 and len(best.selected) > 1:
+        best.selected = sorted(prune(mats, lengths, params, best.selected))
     return best

@@ -677,13 +677,14 @@ def _parse(uri: str | Path) -> tuple[str, Any, dict[str, str]]:
     return "file", Path(text), {}
 
 
-def open_store(uri: str | Path, **kwargs: Any) -> EmbeddingStore:
-    """Open a store for reading: ``file:///path`` or a path -> :class:`FileStore`,
-    ``redis://host:port/db[?prefix=cg&version=v]`` -> :class:`RedisStore`."""
+def open_store(uri: str | Path, *, writable: bool = False, **kwargs: Any) -> EmbeddingStore:
+    """Open a store: ``file:///path`` or a path -> :class:`FileStore` (read-only unless
+    ``writable``), ``redis://host:port/db[?prefix=cg&version=v]`` -> :class:`RedisStore` (always
+    writable, under the published or the given version)."""
     backend, target, opts = _parse(uri)
     if backend == "redis":
         return RedisStore(target, **opts, **kwargs)
-    return FileStore(target, **kwargs)
+    return FileStore(target, writable=writable, **kwargs)
 
 
 @contextmanager
