@@ -41,6 +41,7 @@ class _ScoreActor:
         rules_dir: str | None,
         fail_after: int | None = None,
     ):
+        import ray
         import torch
 
         from creditgraph.causal.pretrain import PretrainArtifacts
@@ -52,6 +53,7 @@ class _ScoreActor:
         from creditgraph.utils.io import read_json
 
         torch.set_num_threads(1)
+        self.node_id = ray.get_runtime_context().get_node_id()  # reported per user: "scored_on"
         run = Path(run_dir)
         model, _ = load_model(run / "model")
         graph = read_json(run / "graph" / "manifest.json")
@@ -126,6 +128,7 @@ class _ScoreActor:
             "dsl_score": _fill(n, known, dsl),
             "demand": _fill(n, known, pre_cap.limit),
             "rule": np.full(n, "", dtype=object),  # "" = no rule (keeps the column a string column)
+            "scored_on": np.full(n, self.node_id, dtype=object),
         }
         if hits is not None:
             out["rule"][known] = np.array(
@@ -246,7 +249,8 @@ def score_users(
         num_cpus=1,
     ).materialize()
 
-    small = scored.select_columns(["user_id", "known", "demand"]).to_pandas()
+    small = scored.select_columns(["user_id", "known", "demand", "scored_on"]).to_pandas()
+    per_node = small["scored_on"].value_counts()
     small = small.set_index("user_id").reindex(table["user_id"]).reset_index()
     unknown = ~small["known"].to_numpy(bool)
     if unknown.any() and not skip_unknown:
@@ -293,6 +297,7 @@ def score_users(
             "mean_limit": float(decisions["limit"].mean()) if len(decisions) else 0.0,
             "binding_constraints": decisions["binding_constraint"].value_counts().to_dict(),
             "clusters": 0 if clusters is None else int(clusters.n_clusters),
+            "nodes": {str(k): int(v) for k, v in per_node.items()},  # Ray node id -> users
             "seconds": time.perf_counter() - t0,
         }
         write_json(tmp / "summary.json", summary)

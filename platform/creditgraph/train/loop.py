@@ -63,8 +63,11 @@ def _steps(it, per_step: int):
 
 
 def _heartbeat(folder: str | None, rank: int, epoch: int, restored_from: int | None) -> None:
+    """``worker{rank}.json``: where (process, host, Ray node) and at which epoch a worker is."""
     if not folder:
         return
+    import ray
+
     path = Path(folder) / f"worker{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -73,6 +76,7 @@ def _heartbeat(folder: str | None, rank: int, epoch: int, restored_from: int | N
             {
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "rank": rank,
                 "epoch": epoch,
                 "restored_from": restored_from,
