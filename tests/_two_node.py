@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def run(work: Path, address: str) -> dict:
 
     # Dispatch only once both scoring actors are up: otherwise the first one may take every batch
     # of this small dataset before the second has loaded the model.
-    ray.data.DataContext.get_current().wait_for_min_actors_s = 120
+    ray.data.DataContext.get_current().wait_for_min_actors_s = 240
     t0 = time.perf_counter()
     score = score_users(run_dir, data, out, cfg, min_actors=2, max_actors=2, batch_size=100)
     times["score"] = time.perf_counter() - t0
@@ -64,6 +65,7 @@ def run(work: Path, address: str) -> dict:
         "train": [w["node_id"] for w in sorted(workers, key=lambda w: w["rank"])],
         "train_epochs": train["epochs_run"],
         "score": score["nodes"],
+        "n_users": N_USERS,
         "users_scored": score["users_scored"],
         "outputs": sorted(p.name for p in out.iterdir()),
         "seconds": times,
@@ -76,6 +78,8 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
+    # a SIGTERM (the test's timeout) unwinds through ``finally``: the cluster is shut down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(sys.argv[1])
     node = {"num_cpus": 1, "object_store_memory": OBJECT_STORE}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})

@@ -26,7 +26,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True, **kwargs)
     else:
+        # address="local" so a stray cluster recorded in /tmp/ray/ray_current_cluster (e.g. one
+        # started with `ray start`) is never joined by accident.
         ray.init(
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=True,
