@@ -63,12 +63,20 @@ def test_guardrail_rules_cap_the_users_they_flag(trained_run, sim_data, tmp_path
     from creditgraph.serving.score import score_users
 
     rules_dir = tmp_path / "rules"
-    learn_rules(sim_data, rules_dir, RulesConfig(min_confidence=0.25), show=False)
+    learn_rules(sim_data, rules_dir, RulesConfig(min_confidence=0.15), show=False)
     cfg = PipelineConfig()
+    # a loose ceiling, so the small test model grants credit that the guardrail must take back
+    cfg.policy.r_max = 0.5
     summary = score_users(trained_run, sim_data, tmp_path / "out", cfg, rules_dir=str(rules_dir))
     dec = pd.read_parquet(tmp_path / "out" / "decisions.parquet")
     flagged = dec[dec["rule"].notna() & (dec["rule"] != "")]
     assert len(flagged) > 0, "the rule set flagged nobody"
     assert (flagged["limit"] <= cfg.policy.guardrail.cap).all()
-    assert summary["binding_constraints"].get("guardrail", 0) > 0
+    capped = flagged[flagged["risk_limit"] > cfg.policy.guardrail.cap]
+    assert len(capped) > 0, "no flagged user would have had credit without the guardrail"
+    assert (capped["binding_constraint"] == "guardrail").all()
+    assert summary["binding_constraints"].get("guardrail", 0) == len(capped)
+    assert (
+        dec.loc[dec["rule"].isna() | (dec["rule"] == ""), "binding_constraint"] != "guardrail"
+    ).all()
     assert set(flagged["rule"]) <= {f"R{i}" for i in range(1, 100)}

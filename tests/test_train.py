@@ -19,6 +19,7 @@ from creditgraph.train.config import TrainConfig
 from creditgraph.train.trainer import run_training
 
 SMALL = ModelConfig(hidden=16, heads=2, mc_dropout_samples=2)
+FT = "model_ft"
 
 
 def _killer(
@@ -32,7 +33,8 @@ def _killer(
             beat = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             beat = None
-        registered = any(storage.glob("*/checkpoint_manager_snapshot.json"))
+        # only this run's experiment folder: the storage is shared with other trainings
+        registered = any(storage.glob(f"{FT}-*/checkpoint_manager_snapshot.json"))
         if beat and registered and beat["restored_from"] is None and beat["epoch"] >= at_epoch:
             os.kill(beat["pid"], signal.SIGKILL)
             killed.update(beat)
@@ -52,14 +54,14 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(pretrained_run, tmp_
     killer.start()
     try:
         summary = run_training(
-            pretrained_run, SMALL, cfg, out_name="model_ft", heartbeat_dir=heartbeats
+            pretrained_run, SMALL, cfg, out_name=FT, heartbeat_dir=heartbeats
         )
     finally:
         stop.set()
     assert killed, "the worker was never killed"
     assert summary["restored_from_epochs"], "training did not resume from a checkpoint"
     assert min(summary["restored_from_epochs"]) >= 0
-    folder = pretrained_run / "model_ft"
+    folder = pretrained_run / FT
     model, meta = load_model(folder)
     epochs = [h["epoch"] for h in meta["history"]]
     assert epochs == list(range(cfg.epochs)), epochs  # every epoch exactly once, none lost

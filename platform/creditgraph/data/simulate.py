@@ -328,6 +328,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, pd.DataFrame]:
             "capacity": capacity,
             "latent_risk": risk,
             "p_default_observed": p_obs,
+            "limit_test": explore,
         }
     )
     return {"users": users, "links": link_df, "truth": truth, "segments": segments}
