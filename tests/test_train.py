@@ -53,9 +53,7 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(pretrained_run, tmp_
     )
     killer.start()
     try:
-        summary = run_training(
-            pretrained_run, SMALL, cfg, out_name=FT, heartbeat_dir=heartbeats
-        )
+        summary = run_training(pretrained_run, SMALL, cfg, out_name=FT, heartbeat_dir=heartbeats)
     finally:
         stop.set()
     assert killed, "the worker was never killed"
