@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -53,3 +58,20 @@ def stage(results: dict, name: str):
         yield
         seconds = time.perf_counter() - t0
     results[name] = {"seconds": seconds, "peak_rss_gib": mem.peak / 2**30}
+
+
+def in_child(setup: str, expr: str, what: str) -> Any:
+    """Evaluate ``expr`` after ``setup`` in a fresh Python process (the repo root as cwd).
+
+    A fresh process has its own Ray runtime and memory, so a measured stage is not disturbed by
+    the parent's. The value must be JSON-serializable; a failure raises with the child's stderr.
+    """
+    code = f"import json; {setup}; print('RESULT ' + json.dumps({expr}))"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(line[-1][len("RESULT ") :])

@@ -20,6 +20,7 @@ import pandas as pd
 from benchmarks._report import markdown_table, write_section
 from creditgraph.config import PipelineConfig
 from creditgraph.data.simulate import SimulationConfig, simulate_to_dir
+from creditgraph.evaluate.run import HEADLINE
 from creditgraph.pipeline import run_pipeline
 from creditgraph.train.trainer import run_training
 from creditgraph.utils.runtime import init_ray
@@ -31,17 +32,7 @@ EPOCHS = os.environ.get("BENCH_MODEL_EPOCHS")
 ABLATIONS = os.environ.get(
     "BENCH_MODEL_ABLATIONS", "towers_no_graph,no_interference,no_ipw,no_dsl,no_alpha"
 ).split(",")
-METRICS = [
-    "mise",
-    "mise_gang",
-    "mise_ordinary",
-    "violation_rate",
-    "granted_ratio",
-    "value_mean",
-    "auc",
-    "ap",
-    "ece",
-]
+METRICS = [m for m in HEADLINE if m not in ("name", "kind", "fit_seconds")]
 
 
 def _config() -> PipelineConfig:

@@ -18,14 +18,12 @@ runtime), so the peak RSS of a stage (driver + raylet + Ray workers) is not infl
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._measure import in_child
 from benchmarks._report import markdown_table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,17 +96,7 @@ def _measure(root: str, out: str) -> dict:
 
 def _child(call: str) -> dict:
     """Run ``call`` (an expression over this module) in a fresh Python process; its JSON result."""
-    code = (
-        "import json; from benchmarks import bench_rescore as b; "
-        f"print('RESULT ' + json.dumps({call}))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"bench_rescore `{call}` failed:\n{proc.stderr[-4000:]}")
-    return json.loads(line[-1][len("RESULT ") :])
+    return in_child("from benchmarks import bench_rescore as b", call, f"bench_rescore `{call}`")
 
 
 def main() -> None:

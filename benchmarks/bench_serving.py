@@ -26,8 +26,6 @@ import asyncio
 import json
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 from ray import serve
 
+from benchmarks._measure import in_child
 from benchmarks._report import markdown_table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,18 +140,12 @@ def _load(url: str, ids: list, concurrency: int, warmup: float, seconds: float) 
 
 
 def _run_load(url: str, ids_file: str, concurrency: int) -> dict:
-    code = (
-        "import json; from benchmarks.bench_serving import _load; "
-        f"ids = json.load(open({ids_file!r})); "
-        f"print('RESULT ' + json.dumps(_load({url!r}, ids, {concurrency}, {WARMUP}, {SECONDS})))"
+    """The load generator in its own process, so it never shares the GIL with Serve's client."""
+    return in_child(
+        f"from benchmarks.bench_serving import _load; ids = json.load(open({ids_file!r}))",
+        f"_load({url!r}, ids, {concurrency}, {WARMUP}, {SECONDS})",
+        "load generator",
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"load generator failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[-1][len("RESULT ") :])
 
 
 # --------------------------------------------------------------------------- the trained run
