@@ -11,6 +11,7 @@ from creditgraph.graph.partition import SPLIT_CODE, load_shard, shard_paths
 from creditgraph.model.artifact import load_model, save_model
 from creditgraph.model.batch import GraphBatch, collate_shards
 from creditgraph.model.config import ModelConfig
+from creditgraph.model.dsl import dsl_delta
 from creditgraph.model.layers import grad_reverse
 from creditgraph.model.losses import TRAIN, LossWeights, joint_loss
 from creditgraph.model.net import CreditGraphNet, ModelSpec
@@ -214,6 +215,8 @@ def test_completeness_orders_users_by_missing_weight(art):
         {"use_interference": False},
         {"use_dsl": False},
         {"use_alpha": False},
+        {"dsl_alpha": "abs"},
+        {"dsl_alpha": "none"},
         {"use_teacher_score": False},
     ],
 )
@@ -224,3 +227,14 @@ def test_ablated_models_run(art, shards, overrides):
     loss, _ = joint_loss(model, out, batch, TRAIN, LossWeights(lam=0.5))
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_dsl_delta_weighs_missing_features_by_alpha():
+    omega = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    alpha = torch.tensor([0.5, -1.0, 0.25])
+    signed = dsl_delta(omega, alpha, use_alpha=True)
+    assert torch.equal(signed, torch.tensor([[0.0, -1.0, 0.25], [0.5, 0.0, 0.0]]))
+    # |alpha|: a missing risk-lowering feature counts like a missing risk-raising one
+    assert torch.equal(dsl_delta(omega, alpha, True, "abs"), signed.abs())
+    assert torch.equal(dsl_delta(omega, alpha, use_alpha=False), 1 - omega)
+    assert torch.equal(dsl_delta(omega, alpha, True, "none"), 1 - omega)

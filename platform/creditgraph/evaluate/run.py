@@ -31,6 +31,8 @@ ABLATIONS: dict[str, tuple[dict, str]] = {
     "no_ipw": ({"use_ipw": False}, "ablation"),
     "no_dsl": ({"use_dsl": False}, "ablation"),
     "no_alpha": ({"use_alpha": False}, "ablation"),
+    "abs_alpha_dsl": ({"dsl_alpha": "abs"}, "ablation"),
+    "no_alpha_dsl": ({"dsl_alpha": "none"}, "ablation"),
     "no_teacher_score": ({"use_teacher_score": False}, "ablation"),
     "no_balance": ({"balance_weight": 0.0}, "ablation"),
     "with_balance": ({"balance_weight": 0.05}, "ablation"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -24,6 +26,12 @@ class ModelConfig(BaseModel):
     use_ipw: bool = True
     use_dsl: bool = True
     use_alpha: bool = True
+    dsl_alpha: Literal["signed", "abs", "none"] = Field(
+        "signed",
+        description="how alpha weighs the DSL input delta_uj = (1 - omega_uj) * w_j: w = alpha "
+        "(seed 000), |alpha| (importance only) or 1 (the bare missing mask; alpha still reaches "
+        "the feature nodes when use_alpha)",
+    )
     use_dag: bool = True
     use_teacher_score: bool = Field(
         True,

@@ -32,9 +32,12 @@ class DSLEncoder(nn.Module):
         return self.out(torch.cat([x.mean(-1), x.amax(-1)], dim=-1))
 
 
-def dsl_delta(omega: Tensor, alpha: Tensor, use_alpha: bool) -> Tensor:
-    """delta_uj = (1 - omega_uj) * alpha_j, or the bare missing mask without alpha."""
-    return (1 - omega) * alpha if use_alpha else (1 - omega)
+def dsl_delta(omega: Tensor, alpha: Tensor, use_alpha: bool, weights: str = "signed") -> Tensor:
+    """delta_uj = (1 - omega_uj) * w_j with w = alpha, |alpha| or 1 (``weights``, or no alpha)."""
+    missing = 1 - omega
+    if not use_alpha or weights == "none":
+        return missing
+    return missing * (alpha if weights == "signed" else alpha.abs())
 
 
 def completeness_score(omega: Tensor, alpha_abs: Tensor) -> Tensor:

@@ -112,7 +112,9 @@ class CreditGraphNet(nn.Module):
             rep = h0
         out = {"h0": h0, "rep": rep}
         if self.dsl is not None:
-            out["dsl"] = self.dsl(dsl_delta(batch.omega, self.alpha, self.cfg.use_alpha))
+            out["dsl"] = self.dsl(
+                dsl_delta(batch.omega, self.alpha, self.cfg.use_alpha, self.cfg.dsl_alpha)
+            )
         if self.prior_dim:
             if batch.prior is None:
                 raise ValueError("this model uses the teacher score: the batch needs `prior`")

@@ -94,7 +94,7 @@ class LastHopScorer:
             rep = h0
         parts = [rep]
         if m.dsl is not None:
-            parts.append(m.dsl(dsl_delta(inp["omega"], m.alpha, m.cfg.use_alpha)))
+            parts.append(m.dsl(dsl_delta(inp["omega"], m.alpha, m.cfg.use_alpha, m.cfg.dsl_alpha)))
         if m.prior_dim:
             parts.append(inp["prior"].unsqueeze(-1))
         x = torch.cat(parts, dim=-1)
