@@ -6,13 +6,11 @@ claim: the cost grows about linearly (10x the users for at most ~12x the time).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks._measure import in_child
 from benchmarks._report import markdown_table, write_section
 
 SIZES = [int(s) for s in os.environ.get("BENCH_GRAPH_SIZES", "100000,1000000").split(",")]
@@ -59,22 +57,11 @@ def main() -> None:
     results = {}
     for n in SIZES:
         with tempfile.TemporaryDirectory(prefix=f"bench_graph_{n}_") as tmp:
-            code = (
-                "import json, sys; from pathlib import Path; "
-                "from benchmarks.bench_graph import _one; "
-                f"print('RESULT ' + json.dumps(_one({n}, Path({tmp!r}))))"
+            results[n] = in_child(
+                "from pathlib import Path; from benchmarks.bench_graph import _one",
+                f"_one({n}, Path({tmp!r}))",
+                f"bench_graph n={n}",
             )
-            proc = subprocess.run(
-                [sys.executable, "-c", code],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).resolve().parent.parent,
-                check=False,
-            )
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                raise RuntimeError(f"bench_graph n={n} failed:\n{proc.stderr[-3000:]}")
-            results[n] = json.loads(line[-1][len("RESULT ") :])
             total = sum(results[n][s]["seconds"] for s in STAGES)
             print(f"n={n:,}: {total:.1f}s")
 
