@@ -1,35 +1,21 @@
-"""Ray Job entry point: train the model on an existing run folder.
+"""Ray Job entry point: training with Ray Train on the cluster's workers.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/train.py --run /shared/runs/r1 [--config pipeline.yaml] [--workers 4]
+
+The options are those of `creditgraph train` (this script runs that command). Inside a Ray Job
+``RAY_ADDRESS`` is set, so the work runs on the job's cluster.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 
-from creditgraph.config import PipelineConfig
-from creditgraph.train.trainer import run_training
-from creditgraph.utils.runtime import init_ray
+from creditgraph.cli import app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--run", required=True, help="run directory on shared storage")
-    parser.add_argument("--config", default=None, help="pipeline.yaml")
-    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers")
-    args = parser.parse_args()
-    cfg = PipelineConfig.load(args.config)
-    train_cfg = (
-        cfg.train
-        if args.workers is None
-        else cfg.train.model_copy(update={"num_workers": args.workers})
-    )
-    init_ray()  # inside `ray job submit` this joins the job's cluster
-    print(json.dumps(run_training(args.run, cfg.model, train_cfg), indent=2))
+def main(argv: list[str] | None = None) -> None:
+    app(["train", *(sys.argv[1:] if argv is None else argv)], prog_name="jobs/train.py")
 
 
 if __name__ == "__main__":

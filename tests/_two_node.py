@@ -49,20 +49,27 @@ def run(work: Path, address: str) -> dict:
     times["prepare"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    beats = work / "heartbeats"
-    train = run_training(run_dir, cfg.model, cfg.train, heartbeat_dir=beats)
+    train = run_training(run_dir, cfg.model, cfg.train)
     times["train"] = time.perf_counter() - t0
-    workers = [json.loads(p.read_text()) for p in sorted(beats.glob("worker*.json"))]
 
     # Dispatch only once both scoring actors are up: otherwise the first one may take every batch
     # of this small dataset before the second has loaded the model.
     ray.data.DataContext.get_current().wait_for_min_actors_s = 240
     t0 = time.perf_counter()
-    score = score_users(run_dir, data, out, cfg, min_actors=2, max_actors=2, batch_size=100)
+    score = score_users(
+        run_dir,
+        data,
+        out,
+        cfg.policy,
+        registry=work / "snapshots",
+        batch_size=100,
+        min_actors=2,
+        max_actors=2,
+    )
     times["score"] = time.perf_counter() - t0
     return {
         "cluster": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
-        "train": [w["node_id"] for w in sorted(workers, key=lambda w: w["rank"])],
+        "train": train["worker_nodes"],
         "train_epochs": train["epochs_run"],
         "score": score["nodes"],
         "n_users": N_USERS,

@@ -54,7 +54,7 @@ def redis_url(tmp_path_factory):
     """
     import shutil
 
-    from creditgraph.serving.store import local_redis
+    from creditgraph.serving.redis_local import local_redis
 
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not on PATH; apt-get install -y redis-server", pytrace=False)
@@ -87,3 +87,14 @@ def trained_run(pretrained_run):
             TrainConfig(epochs=3, num_workers=1, seed=1),
         )
     return pretrained_run
+
+
+@pytest.fixture(scope="session")
+def scored(trained_run, sim_data, tmp_path_factory):
+    """``sim_data`` scored with the trained model: (out folder, summary, snapshot registry); the
+    snapshot is promoted, so a service started on the registry serves it."""
+    from creditgraph.serving.score import score_users
+
+    root = tmp_path_factory.mktemp("scored")
+    summary = score_users(trained_run, sim_data, root / "out", registry=root / "reg", promote=True)
+    return root / "out", summary, root / "reg"

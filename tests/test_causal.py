@@ -56,7 +56,7 @@ def test_teacher_soft_labels_are_out_of_fold():
         n_folds=3,
         params={"n_estimators": 150, "num_leaves": 63, "min_child_samples": 2},
         early_stopping=None,
-        seed=0,
+        random_state=0,
     ).fit(X, y)
     # every row belongs to exactly one fold and its soft label is that fold model's prediction
     assert set(np.unique(t.fold_)) == {0, 1, 2}
@@ -64,21 +64,25 @@ def test_teacher_soft_labels_are_out_of_fold():
         rows = t.fold_ == k
         np.testing.assert_allclose(t.oof_proba_[rows], booster.predict(X[rows]), rtol=1e-6)
     # a model that saw the rows memorizes noise labels; the out-of-fold labels cannot
-    assert roc_auc_score(y, t.predict_proba(X)) > 0.9
+    assert roc_auc_score(y, t.predict_risk(X)) > 0.9
+    assert t.predict_proba(X).shape == (len(X), 2)  # scikit-learn's convention
     assert abs(t.oof_auc_ - 0.5) < 0.08
 
 
 def test_teacher_save_load_and_leaves(tmp_path):
     X, p, _ = logistic_world(1500, 5, seed=2)
     y = (np.random.default_rng(3).random(len(p)) < p).astype(int)
-    t = Teacher(n_folds=3, params={"n_estimators": 60}, early_stopping=10, seed=0).fit(X, y)
+    t = Teacher(n_folds=3, params={"n_estimators": 60}, early_stopping=10, random_state=4)
+    t.fit(X, y)
     assert 0.6 < t.oof_auc_ < 1.0
     leaves = t.leaves(X)
     assert leaves.dtype == np.int32 and leaves.shape == (len(X), t.n_trees_)
-    t.save(tmp_path / "teacher.txt")
+    t.save(tmp_path / "teacher.txt", tmp_path / "teacher.json")
     assert (tmp_path / "teacher.txt").read_text().startswith("tree")
-    back = Teacher.load(tmp_path / "teacher.txt")
+    back = Teacher.load(tmp_path / "teacher.txt", tmp_path / "teacher.json")
     np.testing.assert_allclose(back.predict_proba(X), t.predict_proba(X))
+    # the saved teacher keeps its parameters, not the defaults
+    assert back.get_params() == t.get_params() and back.random_state == 4
     np.testing.assert_array_equal(back.leaves(X), leaves)
     with pytest.raises(ValueError, match="both classes"):
         Teacher().fit(X, np.zeros(len(X)))
@@ -159,7 +163,7 @@ def _pgmpy_dag(X: np.ndarray, max_parents: int, score: str = "bic-g") -> np.ndar
 
 def test_dag_structure_no_worse_than_pgmpy():
     X, true = simulate_linear_gaussian(7, 2000, expected_parents=1.5, seed=3)
-    ours = HillClimbDAG(max_parents=3, restarts=10, seed=0).fit(X)
+    ours = HillClimbDAG(max_parents=3, restarts=10, random_state=0).fit(X)
     theirs = _pgmpy_dag(X, 3)
     ours_shd = shd(cpdag(ours.adjacency_), cpdag(true))
     assert ours_shd <= shd(cpdag(theirs), cpdag(true))
@@ -253,7 +257,8 @@ def test_pretrain_writes_artifacts(ray_session, built_run, tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from creditgraph.causal.pretrain import PretrainArtifacts, run_pretrain
+    from creditgraph.causal.artifacts import PretrainArtifacts
+    from creditgraph.causal.pretrain import run_pretrain
     from creditgraph.cli import app
     from creditgraph.graph.artifacts import GraphArtifacts
 
@@ -288,18 +293,36 @@ def test_pretrain_writes_artifacts(ray_session, built_run, tmp_path):
     assert art.dag_src.max() < len(g.feature_names) and (art.dag_delta > 0).all()
     np.testing.assert_allclose(art.teacher().leaves(g.raw[:50]), art.leaves[:50])
 
-    # the CLI reuses the identical output and prints the top features and the DAG size
+    # the CLI runs the stage through the pipeline (recording its fingerprint), then reuses the
+    # identical output, and prints the top features and the DAG size each time
     pipeline_yaml = tmp_path / "pipeline.yaml"
-    pipeline_yaml.write_text(yaml.safe_dump({"pretrain": cfg.model_dump()}))
-    before = (out / "manifest.json").stat().st_mtime_ns
-    res = CliRunner().invoke(
-        app, ["pretrain", "--run", str(built_run), "--config", str(pipeline_yaml), "--reuse"]
-    )
+    pipeline_yaml.write_text(yaml.safe_dump({"pretrain": cfg.model_dump(mode="json")}))
+    args = ["pretrain", "--run", str(built_run), "--config", str(pipeline_yaml)]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "edges" in res.output and summary["top_alpha"][0]["feature"] in res.output
+    before = (out / "manifest.json").stat().st_mtime_ns
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "reused" in res.output and summary["top_alpha"][0]["feature"] in res.output
     assert (out / "manifest.json").stat().st_mtime_ns == before
 
     # a run dir without a graph is one clear error (exit 2), nothing written
     res = CliRunner().invoke(app, ["pretrain", "--run", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "creditgraph build" in res.output
     assert not (tmp_path / "nothing" / "pretrain").exists()
+
+
+def test_configs_build_their_estimators_with_one_set_of_defaults():
+    from creditgraph.causal.config import DAGConfig, TeacherConfig
+    from creditgraph.causal.teacher import DEFAULT_PARAMS
+
+    dag = DAGConfig().build()
+    assert dag.get_params() == {**HillClimbDAG().get_params(), "score": "gaussian"}
+    assert dag.restarts == 20  # the pipeline's iterated local search, not pgmpy's plain climb
+    assert DAGConfig(restarts=0, random_state=5).build().get_params()["random_state"] == 5
+    teacher = TeacherConfig().build()
+    assert {k: v for k, v in teacher.get_params().items() if k != "params"} == {
+        k: v for k, v in Teacher().get_params().items() if k != "params"
+    }
+    assert teacher.params == DEFAULT_PARAMS

@@ -14,6 +14,8 @@ from creditgraph.evaluate.baselines import (
     EconmlDMLCurve,
     LGBMSLearner,
     MissingEncoder,
+    lgbm_classifier,
+    lgbm_regressor,
     make_baseline,
 )
 from creditgraph.evaluate.metrics import (
@@ -21,7 +23,9 @@ from creditgraph.evaluate.metrics import (
     classification_metrics,
     curve_at,
     evaluate_curves,
+    judge_limits,
     mise,
+    oracle_policy_limits,
     policy_metrics,
     truth_curves,
 )
@@ -158,24 +162,30 @@ def _increasing_truth(n=200, seed=0):
 def test_policy_on_true_curves_is_the_oracle():
     grid, true = _increasing_truth()
     m = policy_metrics(true, true, grid, r_max=0.1)
-    assert m["violation_rate"] == 0.0 == m["oracle_violation_rate"]
+    assert m["over_ceiling_rate"] == 0.0 == m["oracle_over_ceiling_rate"]
+    assert m["violation_rate"] == m["over_ceiling_rate"]  # report alias
     assert m["granted_ratio"] == 1.0
+    assert m["limit_satisfaction"] == 1.0
     assert m["exact_match_rate"] == 1.0
     assert m["regret_mean"] == 0.0
     assert m["mean_abs_limit_gap"] == 0.0
-    assert m["mean_true_risk"] <= 0.1
+    assert 0.0 < m["portfolio_default_rate"] <= 0.1
+    assert m["portfolio_default_rate"] == m["oracle_portfolio_default_rate"]
 
 
 def test_policy_shifted_curves_grant_less_or_violate():
     grid, true = _increasing_truth()
     up = policy_metrics(true + 0.02, true, grid, r_max=0.1)  # pessimistic estimate
     assert up["granted_ratio"] < 1.0
-    assert up["violation_rate"] == 0.0
-    assert up["mean_true_risk"] < up["oracle_mean_true_risk"]
+    assert up["limit_satisfaction"] < 1.0
+    assert up["over_ceiling_rate"] == 0.0
+    assert up["portfolio_default_rate"] < up["oracle_portfolio_default_rate"]
     down = policy_metrics(true - 0.02, true, grid, r_max=0.1)  # optimistic estimate
     assert down["granted_ratio"] > 1.0
-    assert down["violation_rate"] > 0.0
-    assert down["mean_excess_risk"] > 0.0
+    assert down["limit_satisfaction"] == 1.0  # granting more than the oracle is not extra
+    assert down["over_ceiling_rate"] > 0.0
+    assert down["excess_risk"] > 0.0
+    assert down["portfolio_default_rate"] > 0.1
 
 
 def test_policy_value_follows_its_definition():
@@ -184,13 +194,83 @@ def test_policy_value_follows_its_definition():
     m = policy_metrics(true, true, grid, r_max=0.2, margin=0.3, lgd=0.6)
     # decided limit 10 at true risk 0.1: 0.3 * 10 * 0.9 - 0.6 * 10 * 0.1
     assert m["value_mean"] == pytest.approx(0.3 * 10 * 0.9 - 0.6 * 10 * 0.1)
-    assert m["total_granted"] == 10.0
-    assert m["approval_rate"] == 1.0
+    assert m["granted_total"] == 10.0 == m["oracle_total"]
+    assert m["granted_share"] == 1.0
     # an estimate that refuses credit has value 0 and positive regret against the oracle
     refuse = policy_metrics(np.array([[0.5, 0.5]]), true, grid, r_max=0.2, margin=0.3, lgd=0.6)
     assert refuse["value_mean"] == 0.0
-    assert refuse["approval_rate"] == 0.0
+    assert refuse["granted_share"] == 0.0 and refuse["n_granted"] == 0.0
+    assert refuse["over_ceiling_rate"] == 0.0  # declined at 0 although p(0) is not the issue
+    assert np.isnan(refuse["portfolio_default_rate"])  # no book, no default rate
+    assert refuse["limit_satisfaction"] == 0.0
     assert refuse["regret_mean"] == pytest.approx(m["value_mean"])
+
+
+def _hand_built():
+    grid = np.array([0.0, 10.0, 20.0])
+    true = np.array(
+        [
+            [0.50, 0.60, 0.70],  # too risky even at 0: the oracle declines
+            [0.05, 0.08, 0.20],  # oracle 10
+            [0.01, 0.03, 0.05],  # oracle 20
+            [0.02, 0.06, 0.30],  # oracle 10
+        ]
+    )
+    return grid, true
+
+
+def test_judge_limits_declined_users_are_not_violations():
+    grid, true = _hand_built()
+    # user 0 declined (no violation although its risk at 0 is 0.5), user 1 over-granted
+    m = judge_limits(np.array([0.0, 20.0, 20.0, 10.0]), true, grid, 0.1)
+    assert m["n_granted"] == 3.0 and m["granted_share"] == 0.75
+    assert m["over_ceiling_rate"] == pytest.approx(1 / 3)  # only user 1 (0.20 > 0.1)
+    assert m["excess_risk"] == pytest.approx(0.10 / 3)
+    # the oracle declines user 0 and never breaks the ceiling
+    assert m["oracle_n_granted"] == 3.0 and m["oracle_over_ceiling_rate"] == 0.0
+    assert m["oracle_total"] == 40.0 and m["granted_total"] == 50.0
+    assert m["granted_ratio"] == pytest.approx(50 / 40)
+
+
+def test_judge_limits_amount_weighting_and_off_grid_limits():
+    grid, true = _hand_built()
+    # user 1 at 15 (halfway 10..20: 0.14), user 2 at 5 (halfway 0..10: 0.02), user 3 at 10
+    limits = np.array([0.0, 15.0, 5.0, 10.0])
+    m = judge_limits(limits, true, grid, 0.1, margin=0.1, lgd=0.4)
+    p = np.array([0.14, 0.02, 0.06])
+    assert m["portfolio_default_rate"] == pytest.approx(p.mean())
+    assert m["portfolio_default_rate_amount"] == pytest.approx((limits[1:] * p).sum() / 30.0)
+    assert m["portfolio_default_rate_amount"] > m["portfolio_default_rate"]  # big limit, big risk
+    assert m["over_ceiling_rate"] == pytest.approx(1 / 3)
+    value = 0.1 * limits[1:] * (1 - p) - 0.4 * limits[1:] * p
+    assert m["value_total"] == pytest.approx(value.sum())
+    assert m["value_mean"] == pytest.approx(value.sum() / 4)
+    # satisfaction over the three users the oracle grants (10, 20, 10): 1, 5/20, 1
+    assert m["limit_satisfaction"] == pytest.approx((1.0 + 0.25 + 1.0) / 3)
+    ora_value = 0.1 * np.array([10, 20, 10]) * (1 - np.array([0.08, 0.05, 0.06])) - 0.4 * np.array(
+        [10, 20, 10]
+    ) * np.array([0.08, 0.05, 0.06])
+    assert m["oracle_value_mean"] == pytest.approx(ora_value.sum() / 4)
+
+
+def test_judge_limits_oracle_override_per_user_ceiling_and_bad_input():
+    grid, true = _hand_built()
+    limits = np.array([0.0, 10.0, 20.0, 10.0])
+    m = judge_limits(limits, true, grid, 0.1, oracle_limits=np.array([0.0, 20.0, 20.0, 20.0]))
+    assert m["limit_satisfaction"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+    assert m["oracle_over_ceiling_rate"] == pytest.approx(2 / 3)
+    # a per-user ceiling: user 3 has a ceiling of 0.05, so 10 (0.06) breaks it
+    r = np.array([0.1, 0.1, 0.1, 0.05])
+    assert judge_limits(limits, true, grid, r)["over_ceiling_rate"] == pytest.approx(1 / 3)
+    with pytest.warns(UserWarning, match="above the largest truth-grid limit"):
+        judge_limits(np.array([0.0, 0.0, 25.0, 0.0]), true, grid, 0.1)
+    for bad in (np.array([0.0, -1.0, 0.0, 0.0]), np.array([0.0, np.nan, 0.0, 0.0]), np.zeros(3)):
+        with pytest.raises(ValueError, match="limits"):
+            judge_limits(bad, true, grid, 0.1)
+    np.testing.assert_array_equal(oracle_policy_limits(true, grid, 0.1), [0.0, 10.0, 20.0, 10.0])
+    np.testing.assert_array_equal(
+        oracle_policy_limits(true, grid, 0.1, cap=15.0), [0.0, 10.0, 10.0, 10.0]
+    )
 
 
 # ---------------------------------------------------------------- factual prediction metrics
@@ -290,9 +370,15 @@ def confounded():
 
 
 FAST = {
-    "lgbm_slearner": {"n_estimators": 80},
-    "econml_forest": {"nuisance_estimators": 60, "forest_estimators": 16, "cv": 2},
-    "econml_linear": {"nuisance_estimators": 60, "cv": 2},
+    "lgbm_slearner": {"estimator": lgbm_classifier(80)},
+    "lgbm_slearner_monotone": {"estimator": lgbm_classifier(80)},
+    "econml_forest": {
+        "model_y": lgbm_classifier(60),
+        "model_t": lgbm_regressor(60),
+        "forest_estimators": 16,
+        "cv": 2,
+    },
+    "econml_linear": {"model_y": lgbm_classifier(60), "model_t": lgbm_regressor(60), "cv": 2},
 }
 
 
@@ -320,10 +406,16 @@ def test_baseline_inputs_validated_and_unlabeled_dropped(confounded):
     (Xtr, Ttr, Ytr), _, grid = confounded
     Y = Ytr.copy()
     Y[:10] = np.nan
-    est = LGBMSLearner(n_estimators=10).fit(Xtr, Ttr, Y)
+    est = LGBMSLearner(lgbm_classifier(10)).fit(Xtr, Ttr, Y)
     assert est.predict_curves(Xtr[:5], grid).shape == (5, grid.size)
     with pytest.raises(ValueError):
-        LGBMSLearner(n_estimators=10).fit(Xtr, -Ttr - 1.0, Ytr)
+        LGBMSLearner(lgbm_classifier(10)).fit(Xtr, -Ttr - 1.0, Ytr)
+    # the nuisance models are estimators passed in (econml's convention), cloned, never refitted
+    given = lgbm_classifier(10)
+    LGBMSLearner(given).fit(Xtr, Ttr, Ytr)
+    assert not hasattr(given, "booster_")
+    mono = LGBMSLearner(lgbm_classifier(30), monotone_limit=True).fit(Xtr, Ttr, Ytr)
+    assert (np.diff(mono.predict_curves(Xtr[:50], grid), axis=1) >= -1e-12).all()
     with pytest.raises(ValueError):
         ConstantCurve().fit(Xtr, Ttr, np.zeros_like(Ytr))
     with pytest.raises(ValueError):

@@ -11,13 +11,14 @@ from pydantic import ValidationError
 from creditgraph.config import PipelineConfig
 from creditgraph.data.spec import EntityType
 from creditgraph.policy.clusters import build_clusters, clusters_for_dataset
-from creditgraph.policy.config import ClusterConfig, GridConfig, PolicyConfig
+from creditgraph.policy.config import ClusterConfig, GridConfig, PolicyConfig, nice_step
 from creditgraph.policy.decide import (
     BINDINGS,
     allocate_cluster_caps,
     decide,
     decide_with_caps,
     effective_ceiling,
+    exploration_draws,
     largest_feasible_limit,
     online_decision,
 )
@@ -43,18 +44,26 @@ def test_each_binding_constraint_triggers_and_is_reported():
         dsl={"threshold": 0.5, "strength": 0.5},
         clusters={"cap_per_member": 20_000, "cap_total": None},
         guardrail={"cap": 0},
+        exploration={"share": 0.2, "low": 0.5, "high": 1.5, "max_risk": 0.25},
+        stability={"max_cut": 0.3, "hard_ceiling": 0.25},
     )
     crossing = _linear(0.015, 0.175)  # p <= 0.10 up to 25,000, p <= 0.05 up to 10,000
+    # name: (curve, dsl, cluster, rule, current limit, exploration draw u)
     rows = {
-        "risk_ceiling": (crossing, 0.0, -1, None),
-        "grid_max": (_linear(0.01, 0.05), 0.0, -1, None),
-        "no_feasible_limit": (_linear(0.15, 0.30), 0.0, -1, None),
-        "dsl": (crossing, 1.0, -1, None),  # r_eff = 0.05
-        "guardrail": (_linear(0.01, 0.05), 0.0, -1, "stacked_devices_and_new_account"),
-        "cluster_cap": (_linear(0.01, 0.05), 0.0, 7, None),
-        "cluster_mate": (_linear(0.01, 0.05), 0.0, 7, None),
+        "risk_ceiling": (crossing, 0.0, -1, None, 0.0, 0.9),
+        "grid_max": (_linear(0.01, 0.05), 0.0, -1, None, 0.0, 0.9),
+        "no_feasible_limit": (_linear(0.15, 0.30), 0.0, -1, None, 0.0, 0.9),
+        "dsl": (crossing, 1.0, -1, None, 0.0, 0.9),  # r_eff = 0.05
+        "guardrail": (_linear(0.01, 0.05), 0.0, -1, "stacked_devices_and_new_account", 0.0, 0.1),
+        "cluster_cap": (_linear(0.01, 0.05), 0.0, 7, None, 0.0, 0.9),
+        "cluster_mate": (_linear(0.01, 0.05), 0.0, 7, None, 0.0, 0.9),
+        # holds 50,000 today; risk allows 25,000; the cut is limited to 30 %: 35,000
+        "stability": (crossing, 0.0, -1, None, 50_000.0, 0.9),
+        # decided 25,000, then a randomized factor ~1.34: 30,000 (snapped down to the grid)
+        "exploration": (crossing, 0.0, -1, None, 0.0, 0.1),
     }
     curves = np.stack([r[0] for r in rows.values()])
+    draws = np.column_stack([[r[5] for r in rows.values()], np.full(len(rows), 0.9)])
     table = decide(
         curves,
         GRID,
@@ -62,6 +71,8 @@ def test_each_binding_constraint_triggers_and_is_reported():
         cluster_id=np.array([r[2] for r in rows.values()]),
         guardrail_hits=[r[3] for r in rows.values()],
         config=cfg,
+        current=np.array([r[4] for r in rows.values()]),
+        draws=draws,
     )
     got = dict(zip(rows, table.binding_constraint, strict=True))
     for name in BINDINGS:
@@ -74,6 +85,10 @@ def test_each_binding_constraint_triggers_and_is_reported():
     assert limit["cluster_cap"] == 20_000  # two equal demands of 50,000 share 40,000
     assert np.isclose(table.r_max_effective[3], 0.05)
     assert table.counts()["cluster_cap"] == 2
+    assert limit["stability"] == 35_000 and limit["exploration"] == 30_000
+    factor = dict(zip(rows, table.explore_factor, strict=True))
+    assert np.isnan(factor["guardrail"])  # a user hit by a rule is never explored
+    assert factor["exploration"] == pytest.approx(np.exp(np.log(0.5) + 0.9 * np.log(3.0)))
     frame = table.to_frame(user_ids=np.arange(len(rows)) + 100)
     assert list(frame.columns[:3]) == ["user_id", "limit", "p_default_at_limit"]
     assert frame["binding_constraint"].tolist() == list(table.binding_constraint)
@@ -155,6 +170,15 @@ def test_guardrail_caps_names_rule_and_snaps_down():
     assert t.binding_constraint[0] == "no_feasible_limit" and t.rule[0] == "r2"
 
 
+def _same(a, b) -> bool:
+    """Decisions equal field by field (NaN equals NaN)."""
+    da, db = a.as_dict(), b.as_dict()
+    return da.keys() == db.keys() and all(
+        (isinstance(x, float) and isinstance(y, float) and np.isnan(x) and np.isnan(y)) or x == y
+        for x, y in zip(da.values(), db.values(), strict=True)
+    )
+
+
 def test_online_decision_equals_batch():
     rng = np.random.default_rng(11)
     n = 1_500
@@ -164,22 +188,43 @@ def test_online_decision_equals_batch():
     dsl = rng.random(n)
     r_max = rng.uniform(0.05, 0.12, n)
     rules = np.where(rng.random(n) < 0.05, "r_x", None)
+    current = np.where(rng.random(n) < 0.3, rng.choice(GRID, n), 0.0)
+    draws = exploration_draws(np.arange(n), "2026-01-01/0")
+    bound = np.minimum(curves * 1.2, 1.0)
     for contiguous in (False, True):
         cfg = PolicyConfig(
             contiguous=contiguous,
             clusters={"cap_per_member": 15_000, "cap_total": 90_000},
             guardrail={"cap": 5_000},
+            exploration={"share": 0.1},
         )
+        extras = {"bound": bound, "current": current, "draws": draws}
         t = decide(
-            curves, GRID, r_max, dsl_score=dsl, cluster_id=cid, guardrail_hits=rules, config=cfg
+            curves,
+            GRID,
+            r_max,
+            dsl_score=dsl,
+            cluster_id=cid,
+            guardrail_hits=rules,
+            config=cfg,
+            **extras,
         )
         assert set(t.binding_constraint) == set(BINDINGS)
+        assert (t.p_upper_at_limit >= t.p_default_at_limit - 1e-12)[
+            np.isfinite(t.p_upper_at_limit)
+        ].all()
         # the distributed form: demands per chunk, one allocation, final decisions per chunk
         demand = np.concatenate(
             [
                 decide(
-                    curves[c], GRID, r_max[c], dsl_score=dsl[c], guardrail_hits=rules[c], config=cfg
-                ).limit
+                    curves[c],
+                    GRID,
+                    r_max[c],
+                    dsl_score=dsl[c],
+                    guardrail_hits=rules[c],
+                    config=cfg,
+                    **{k: v[c] for k, v in extras.items()},
+                ).demand
                 for c in np.array_split(np.arange(n), 3)
             ]
         )
@@ -195,6 +240,7 @@ def test_online_decision_equals_batch():
                 cluster_id=cid[c],
                 guardrail_hits=rules[c],
                 config=cfg,
+                **{k: v[c] for k, v in extras.items()},
             )
             assert part.to_frame().equals(t.to_frame().iloc[c].reset_index(drop=True))
         for i in range(n):
@@ -207,8 +253,11 @@ def test_online_decision_equals_batch():
                 rules[i],
                 cluster_id=int(cid[i]),
                 config=cfg,
+                bound=bound[i],
+                current=float(current[i]),
+                draws=draws[i],
             )
-            assert one == t.row(i), i
+            assert _same(one, t.row(i)), i
 
 
 def test_decide_uses_largest_feasible_limit_without_extras():
@@ -231,8 +280,11 @@ def test_decide_input_validation():
         decide(curves, GRID, cluster_id=np.array([0.5, 1.0]))
     with pytest.raises(ValueError, match="guardrail_hits"):
         decide(curves, GRID, guardrail_hits=["a"])
-    t = decide(np.stack([_linear(0.01, 0.2, PolicyConfig().grid.values())]))  # config's grid
-    assert len(t) == 1 and t.limit[0] in PolicyConfig().grid.values()
+    cfg = PolicyConfig(grid=GridConfig(start=0, stop=50_000, step=1_000))
+    t = decide(np.stack([_linear(0.01, 0.2, cfg.grid_values())]), config=cfg)  # config's grid
+    assert len(t) == 1 and t.limit[0] in cfg.grid_values()
+    with pytest.raises(ValueError, match="resolve"):  # no grid until the run's scale is known
+        decide(np.stack([_linear(0.01, 0.2, cfg.grid_values())]))
 
 
 def test_policy_config():
@@ -247,13 +299,34 @@ def test_policy_config():
     with pytest.raises(ValidationError):
         PolicyConfig(r_max=0)
     with pytest.raises(ValidationError):
-        PolicyConfig(clusters={"cap_per_member": None, "cap_total": None})
+        PolicyConfig(
+            clusters={"cap_per_member_median": None, "cap_total_median": None}
+        )  # enabled caps need some cap
     with pytest.raises(ValidationError):
         PolicyConfig(unknown=1)
     cap = ClusterConfig(cap_per_member=1_000, cap_total=5_000, min_size=3).cap_for_size(
         np.array([1, 2, 3, 4, 10])
     )
     assert cap.tolist() == [np.inf, np.inf, 3_000, 4_000, 5_000]
+
+
+def test_policy_resolves_to_the_runs_own_limit_scale():
+    scale = {"median_positive": 8_000.0, "q99_positive": 97_300.0}
+    policy = PolicyConfig().resolve(scale)
+    grid = policy.grid_values()
+    assert grid[0] == 0 and 97_300 <= grid[-1] < 97_300 + policy.grid.step
+    assert policy.grid.step == 2_500 and 30 <= len(grid) <= 50  # round steps a person would use
+    assert policy.clusters.cap_per_member == 2.5 * 8_000 and policy.clusters.cap_total == 25 * 8_000
+    # an explicit grid and absolute caps stay as given
+    fixed = PolicyConfig(
+        grid=GridConfig(start=0, stop=10_000, step=500),
+        clusters={"cap_per_member": 1_000.0, "cap_total": None},
+    ).resolve(scale)
+    assert fixed.grid.stop == 10_000 and fixed.clusters.cap_per_member == 1_000
+    assert np.isinf(fixed.clusters.cap_for_size(np.array([100]))[0]) == False  # noqa: E712
+    with pytest.raises(ValueError, match="resolve"):
+        PolicyConfig().clusters.cap_for_size(np.array([3]))
+    assert [nice_step(x) for x in (0.7, 3, 2_400, 2_600, 51_000)] == [1, 5, 2_500, 5_000, 100_000]
 
 
 # ------------------------------------------------------------------------------------ clusters
@@ -342,8 +415,9 @@ def test_clusters_on_simulated_data(sim_data):
     assert now.decision_time == pytest.approx(ds.t_days.max())
     assert now.stats["users_in_clusters"] < a.stats["users_in_clusters"]
     rng = np.random.default_rng(0)
-    curves = _random_curves(rng, ds.n_users, PolicyConfig().grid.values())
-    t = decide(curves, cluster_id=a.cluster_id)
+    policy = PolicyConfig().resolve({"median_positive": 10_000, "q99_positive": 50_000})
+    curves = _random_curves(rng, ds.n_users, policy.grid_values())
+    t = decide(curves, cluster_id=a.cluster_id, config=policy)
     per = pd.Series(t.limit).groupby(a.cluster_id).sum().drop(-1, errors="ignore")
-    caps = PolicyConfig().clusters.cap_for_size(a.sizes[per.index])
+    caps = policy.clusters.cap_for_size(a.sizes[per.index])
     assert np.all(per.to_numpy() <= caps)

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from creditgraph.rules import Condition, ConstrainedRuleSet, Rule, RuleSet
-from creditgraph.rules.export import sql_where
+from creditgraph.rules.export import pandas_query, ruleset_text, sql_where
 from creditgraph.rules.mining import TreeParams, _score, best_split, mine_rules
 from creditgraph.rules.rule import simplify
 
@@ -62,7 +62,7 @@ def _sqlite_rows(df: pd.DataFrame, where: str) -> np.ndarray:
 def _all_forms(rs: RuleSet, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows flagged by predict, by the pandas query export and by the SQL export."""
     by_predict = np.flatnonzero(rs.predict(df))
-    by_query = np.sort(df.reset_index(drop=True).query(rs.to_query()).index.to_numpy())
+    by_query = np.sort(df.reset_index(drop=True).query(pandas_query(rs)).index.to_numpy())
     return by_predict, by_query, _sqlite_rows(df, sql_where(rs))
 
 
@@ -156,7 +156,7 @@ def test_learner_uses_informative_missingness(ray_session):
     X, y = _with_missing()
     m = ConstrainedRuleSet(0.7, random_state=0, **FAST).fit(X, y)
     conds = [c for r in m.rules_ for c in r.conditions if c.feature == "income"]
-    assert any(c.op == "is missing" or c.include_missing for c in conds), m.rules_.to_text()
+    assert any(c.op == "is missing" or c.include_missing for c in conds), ruleset_text(m.rules_)
     missing = X["income"].isna().to_numpy()
     flagged = m.predict(X).astype(bool)
     assert flagged[missing].mean() > 0.5  # the rows whose missing income signals default
@@ -263,7 +263,7 @@ def test_text_and_json_roundtrip(uci, uci_fit, tmp_path):
     est = ConstrainedRuleSet.load(tmp_path / "rules.json")
     np.testing.assert_array_equal(est.predict(X), uci_fit.predict(X))
     np.testing.assert_array_equal(est.predict(X.to_numpy()), uci_fit.predict(X))
-    text = rs.to_text()
+    text = ruleset_text(rs)
     for r in rs:
         assert f"{r.name}: IF {r.text}" in text
     # match names the first firing rule, None where nothing fires

@@ -119,3 +119,31 @@ def test_peer_effect_uses_only_earlier_peers():
     out = _peer_mean(group, t, v)
     # user 0 (t=3) sees users 1 and 2; user 1 (t=1) sees nobody; user 3 has no group
     np.testing.assert_allclose(out, [25.0, 0.0, 20.0, 0.0, 8.0, 0.0])
+
+
+def test_weighted_groups_recruit_heavier_users():
+    from creditgraph.data.simulate import _groups
+
+    rng = np.random.default_rng(0)
+    risk = rng.normal(0, 1, 5000)
+    idx = np.arange(5000)
+    plain = _groups(np.random.default_rng(1), idx, 0.05, (3, 8))
+    weighted = _groups(np.random.default_rng(1), idx, 0.05, (3, 8), weights=np.exp(risk))
+    assert (plain >= 0).sum() == (weighted >= 0).sum() == 250
+    assert abs(risk[plain >= 0].mean()) < 0.2
+    assert risk[weighted >= 0].mean() > 0.6  # E[r | picked ~ exp(r)] = 1 for a standard normal
+
+
+def test_cli_without_covariates_writes_the_default_world(tmp_path):
+    from typer.testing import CliRunner
+
+    from creditgraph.cli import app
+
+    out = tmp_path / "sim"
+    res = CliRunner().invoke(app, ["simulate", "--out", str(out), "--users", "300", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    direct = simulate(SimulationConfig(n_users=300, seed=3))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "users.parquet"), direct["users"])
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "links.parquet"), direct["links"])
+    res = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "x"), "--drop", "Y"])
+    assert res.exit_code == 2 and "--covariates" in res.output

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import sys
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,16 @@ from rich.console import Console
 
 from creditgraph.data.errors import DataValidationError
 
-app = typer.Typer(
+
+class _Typer(typer.Typer):
+    """A typer app whose commands all report user errors the same way (see ``_user_errors``)."""
+
+    def command(self, *args, **kwargs) -> Callable:
+        register = super().command(*args, **kwargs)
+        return lambda fn: register(_user_errors(fn))
+
+
+_app = _Typer(
     name="creditgraph",
     help="Causal credit-limit decisions on heterogeneous user graphs, on Ray.",
     no_args_is_help=True,
@@ -19,6 +29,25 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Errors a user can fix (bad data, bad config, missing stage output) become one line on
+    stderr and exit code 2; anything else is a bug and keeps its traceback."""
+    from creditgraph.config import ConfigError
+    from creditgraph.utils.runtime import RayNotRunning
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (DataValidationError, FileNotFoundError, ConfigError, RayNotRunning) as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+app = _app
 
 Address = Annotated[
     str | None,
@@ -37,6 +66,35 @@ def _ray(address: str | None) -> None:
     init_ray(address)
 
 
+def _config(path: Path | None, updates: dict | None = None):
+    """The pipeline configuration from ``--config``, with CLI options applied (re-validated)."""
+    from creditgraph.config import PipelineConfig, override_many
+
+    return override_many(PipelineConfig.load(path), updates or {})
+
+
+def _stages(
+    names: list[str],
+    run: Path,
+    cfg,
+    data: Path | None = None,
+    address: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Run (or reuse) some pipeline stages on a run folder; print what happened."""
+    from creditgraph.layout import RunLayout
+    from creditgraph.pipeline import Pipeline, StageContext, credit_stages
+
+    ctx = StageContext(None if data is None else data.resolve(), RunLayout(run), address)
+    report = Pipeline(credit_stages(cfg, with_rules="rules" in names)).run(
+        ctx, cfg, only=names, force=force
+    )
+    for name, r in report.items():
+        state = "reused (inputs and config unchanged)" if r.reused else f"ran in {r.seconds:.1f}s"
+        console.print(f"stage {name}: {state}", highlight=False)
+    return {k: v.as_dict() for k, v in report.items()}
+
+
 @app.command()
 def validate(
     data: Annotated[
@@ -44,32 +102,207 @@ def validate(
     ],
     address: Address = None,
 ) -> None:
-    """Check a dataset against the contract; print a summary or one clear error."""
+    """Check a dataset against the contract; print a summary (with warnings that name what is
+    suspicious) or one clear error (exit 2). Small local datasets are read without Ray; large or
+    remote ones through Ray Data (the switch: CREDITGRAPH_RAY_READ_MIN_BYTES, default 256 MiB)."""
     from creditgraph.data.load import load_dataset
 
-    _ray(address)
-    try:
-        ds = load_dataset(data)
-    except DataValidationError as exc:
-        _fail(exc)
-    console.print_json(data={"ok": True, "dataset": ds.spec.name, **ds.stats})
+    if address:  # otherwise Ray starts only if the data is large enough to need it
+        _ray(address)
+    ds = load_dataset(data)
+    for warning in ds.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    console.print_json(
+        data={"ok": True, "dataset": ds.spec.name, **ds.stats, "warnings": ds.warnings}
+    )
 
 
 @app.command()
 def simulate(
     out: Annotated[Path, typer.Option("--out", help="dataset directory to write")],
-    users: Annotated[int, typer.Option("--users", min=100, help="number of users")] = 20_000,
+    users: Annotated[
+        int | None,
+        typer.Option(
+            "--users", min=100, help="number of users (default 20,000; with --covariates: all rows)"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     config: Annotated[
-        Path | None, typer.Option("--config", help="YAML overriding SimulationConfig fields")
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML overriding SimulationConfig (or, with --covariates, SemiSyntheticConfig) "
+            "fields",
+        ),
+    ] = None,
+    covariates: Annotated[
+        Path | None,
+        typer.Option(
+            "--covariates",
+            help="semi-synthetic: keep this CSV's real covariates and limits, simulate the rest",
+        ),
+    ] = None,
+    no_links: Annotated[
+        bool, typer.Option("--no-links", help="with --covariates: a tabular dataset, no graph")
+    ] = False,
+    treatment: Annotated[
+        str | None,
+        typer.Option("--treatment", help="with --covariates: the real limit column (UCI: X1)"),
+    ] = None,
+    drop: Annotated[
+        str | None,
+        typer.Option("--drop", help="with --covariates: comma-separated columns to leave out"),
+    ] = None,
+    limit_test_share: Annotated[
+        float | None,
+        typer.Option(
+            "--limit-test-share", help="with --covariates: share of randomized limit tests (0.1)"
+        ),
+    ] = None,
+    family: Annotated[
+        str,
+        typer.Option(
+            "--family", help="credit (users, limits, defaults) or orders (order risk, fraud labels)"
+        ),
+    ] = "credit",
+    orders: Annotated[
+        int | None,
+        typer.Option(
+            "--orders",
+            min=1000,
+            help="with --family orders: number of orders (200,000); "
+            "--users sets the number of buyers",
+        ),
     ] = None,
 ) -> None:
-    """Write a simulated dataset whose true risk curves are known."""
-    from creditgraph.data.simulate import SimulationConfig, simulate_to_dir
+    """Write a simulated dataset whose true risk curves (or fraud probabilities) are known."""
+    if family not in ("credit", "orders"):
+        _fail(ValueError(f"--family must be credit or orders, got {family!r}"))
+    if orders is not None and family != "orders":
+        _fail(ValueError("--orders needs --family orders"))
+    if family == "orders":
+        from pydantic import ValidationError
 
-    cfg = SimulationConfig.from_yaml(config) if config else SimulationConfig()
-    cfg = cfg.model_copy(update={"n_users": users, "seed": seed})
-    summary = simulate_to_dir(cfg, out)
+        from creditgraph.data.simulate_orders import OrderSimConfig, simulate_orders_to_dir
+
+        if covariates is not None:
+            _fail(ValueError("--covariates is for --family credit"))
+        try:
+            base = OrderSimConfig.from_yaml(config) if config else OrderSimConfig()
+            update = {"seed": seed, "n_orders": orders, "n_buyers": users}
+            fields = {**base.model_dump(), **{k: v for k, v in update.items() if v is not None}}
+            summary = simulate_orders_to_dir(OrderSimConfig.model_validate(fields), out)
+        except (ValidationError, ValueError) as exc:
+            _fail(exc)
+        console.print_json(data=summary)
+        return
+    if covariates is None:
+        extra = {
+            "--no-links": no_links,
+            "--treatment": treatment,
+            "--drop": drop,
+            "--limit-test-share": limit_test_share,
+        }
+        given = [k for k, v in extra.items() if v is not None and v is not False]
+        if given:
+            _fail(ValueError(f"{', '.join(given)} need --covariates FILE.csv"))
+        from creditgraph.data.simulate import SimulationConfig, simulate_to_dir
+
+        cfg = SimulationConfig.from_yaml(config) if config else SimulationConfig()
+        n_users = 20_000 if users is None else users
+        cfg = cfg.model_copy(update={"n_users": n_users, "seed": seed})
+        summary = simulate_to_dir(cfg, out)
+        console.print_json(data=summary)
+        return
+
+    from pydantic import ValidationError
+
+    from creditgraph.data.semisynthetic import SemiSyntheticConfig, semisynthetic_to_dir
+
+    update = {
+        "n_users": users,
+        "seed": seed,
+        "treatment": treatment,
+        "drop": None if drop is None else [c.strip() for c in drop.split(",") if c.strip()],
+        "limit_test_share": limit_test_share,
+    }
+    try:
+        base = SemiSyntheticConfig.from_yaml(config) if config else SemiSyntheticConfig()
+        fields = {**base.model_dump(), **{k: v for k, v in update.items() if v is not None}}
+        if no_links:
+            fields["links"] = False
+        cfg = SemiSyntheticConfig.model_validate(fields)
+        summary = semisynthetic_to_dir(covariates, cfg, out)
+    except (DataValidationError, ValidationError, ValueError) as exc:
+        _fail(exc)
+    console.print_json(data=summary)
+
+
+convert_app = typer.Typer(
+    help="Turn a CSV of real decisions into a dataset directory (no truth).",
+    no_args_is_help=True,
+)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("uci")
+def convert_uci_cmd(
+    csv: Annotated[Path, typer.Argument(help="the UCI credit-default CSV (ID, X1..X23, Y)")],
+    out: Annotated[Path, typer.Option("--out", help="dataset directory to write")],
+    as_of: Annotated[
+        str, typer.Option("--as-of", help="decision date of every row (the file has none)")
+    ] = "2005-10-01",
+) -> None:
+    """The UCI credit-default file: id ID, limit X1, outcome Y, 22 readable features."""
+    from creditgraph.data.convert import convert_uci
+
+    try:
+        summary = convert_uci(csv, out, as_of=as_of)
+    except (DataValidationError, ValueError) as exc:
+        _fail(exc)
+    console.print_json(data=summary)
+
+
+@convert_app.command("csv")
+def convert_csv_cmd(
+    csv: Annotated[Path, typer.Argument(help="a CSV with one row per user")],
+    out: Annotated[Path, typer.Option("--out", help="dataset directory to write")],
+    id: Annotated[str, typer.Option("--id", help="user id column")],
+    treatment: Annotated[str, typer.Option("--treatment", help="historical limit column")],
+    outcome: Annotated[str, typer.Option("--outcome", help="0/1 default column (blank = unknown)")],
+    time: Annotated[
+        str | None, typer.Option("--time", help="decision-time column (or give --as-of)")
+    ] = None,
+    as_of: Annotated[
+        str | None, typer.Option("--as-of", help="one decision date for every row")
+    ] = None,
+    features: Annotated[
+        str | None, typer.Option("--features", help="comma-separated; default: all numeric")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option("--exclude", help="comma-separated numeric non-features")
+    ] = None,
+) -> None:
+    """Any CSV: name the id, limit and outcome columns and the decision time."""
+    from creditgraph.data.convert import convert_csv
+
+    def names(v: str | None) -> list[str]:
+        return [c.strip() for c in (v or "").split(",") if c.strip()]
+
+    try:
+        summary = convert_csv(
+            csv,
+            out,
+            id=id,
+            treatment=treatment,
+            outcome=outcome,
+            time=time,
+            as_of=as_of,
+            features=names(features) or None,
+            exclude=names(exclude),
+        )
+    except (DataValidationError, ValueError) as exc:
+        _fail(exc)
     console.print_json(data=summary)
 
 
@@ -78,42 +311,31 @@ def build(
     data: Annotated[Path, typer.Option("--data", help="dataset directory")],
     out: Annotated[Path, typer.Option("--out", help="run directory")],
     config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
+    force: Annotated[
+        bool, typer.Option(help="rebuild even if inputs and config are unchanged")
+    ] = False,
     address: Address = None,
 ) -> None:
     """Validate, build the leak-free heterograph and write ClusterGCN shards into RUN."""
-    from creditgraph.config import PipelineConfig
-    from creditgraph.graph.build import build_graph
-    from creditgraph.graph.partition import partition_graph
-
-    cfg = PipelineConfig.load(config)
-    _ray(address)
-    try:
-        summary = build_graph(data, out, cfg.graph)
-    except DataValidationError as exc:
-        _fail(exc)
-    summary["partition"] = partition_graph(out, cfg.partition)
-    console.print_json(data=summary)
+    report = _stages(["build", "partition"], out, _config(config), data, address, force)
+    console.print_json(data=report)
 
 
 @app.command()
 def pretrain(
     run: Annotated[Path, typer.Option("--run", help="run directory with a built graph")],
     config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
-    reuse: Annotated[
-        bool, typer.Option(help="keep an existing output built from the same input and config")
+    force: Annotated[
+        bool, typer.Option(help="rerun even if inputs and config are unchanged")
     ] = False,
     top: Annotated[int, typer.Option(help="features to list by |alpha|")] = 10,
     address: Address = None,
 ) -> None:
     """Teacher soft labels, per-feature DML causal weights (Ray tasks) and the feature DAG."""
-    from creditgraph.causal.pretrain import PretrainArtifacts, run_pretrain
-    from creditgraph.config import PipelineConfig
+    from creditgraph.causal.artifacts import PretrainArtifacts
 
-    cfg = PipelineConfig.load(config)
-    try:  # Ray starts only if the DML actually runs
-        summary = run_pretrain(run, cfg.pretrain, reuse=reuse, address=address)
-    except (DataValidationError, FileNotFoundError) as exc:
-        _fail(exc)
+    report = _stages(["pretrain"], run, _config(config), address=address, force=force)
+    summary = report["pretrain"]
     console.print(
         f"teacher OOF AUC {summary['teacher_oof_auc']:.4f} on {summary['n_fit_users']:,} "
         f"labeled train users; feature DAG: {summary['dag_edges']} edges"
@@ -129,7 +351,6 @@ def pretrain(
         )
     if summary["dml_failed"]:
         console.print(f"[yellow]DML failed for:[/] {', '.join(summary['dml_failed'])}")
-    console.print_json(data=summary)
 
 
 @app.command()
@@ -139,23 +360,17 @@ def train(
     ],
     config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Ray Train workers (overrides config)")
+        int | None, typer.Option(help="Ray Train workers (overrides train.num_workers)")
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="max epochs (overrides config)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="max epochs (overrides train.epochs)")] = None,
+    force: Annotated[
+        bool, typer.Option(help="retrain even if inputs and config are unchanged")
+    ] = False,
     address: Address = None,
 ) -> None:
     """Train the three-head model with Ray Train (DDP) over the ClusterGCN shards."""
-    from creditgraph.config import PipelineConfig
-    from creditgraph.train.trainer import run_training
-
-    cfg = PipelineConfig.load(config)
-    updates = {k: v for k, v in {"num_workers": workers, "epochs": epochs}.items() if v is not None}
-    _ray(address)
-    try:
-        summary = run_training(run, cfg.model, cfg.train.model_copy(update=updates))
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(exc)
-    console.print_json(data=summary)
+    cfg = _config(config, {"train.num_workers": workers, "train.epochs": epochs})
+    console.print_json(data=_stages(["train"], run, cfg, address=address, force=force))
 
 
 @app.command()
@@ -163,45 +378,61 @@ def evaluate(
     run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
     config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
     ablations: Annotated[
-        str | None, typer.Option(help="comma-separated ablations to train and score too")
+        str | None,
+        typer.Option(help="comma-separated ablations to train and score too, e.g. towers_no_graph"),
     ] = None,
+    force: Annotated[
+        bool, typer.Option(help="rerun even if inputs and config are unchanged")
+    ] = False,
     address: Address = None,
 ) -> None:
-    """Score the model, ablations and baselines on held-out users against the true curves."""
-    from creditgraph.config import PipelineConfig
-    from creditgraph.evaluate.run import run_evaluation
-
-    cfg = PipelineConfig.load(config)
-    if ablations:
-        names = [a.strip() for a in ablations.split(",") if a.strip()]
-        cfg = cfg.model_copy(
-            update={"evaluate": cfg.evaluate.model_copy(update={"ablations": names})}
-        )
-    _ray(address)
-    try:
-        report = run_evaluation(run, cfg)
-    except (FileNotFoundError, ValueError, DataValidationError) as exc:
-        _fail(exc)
+    """Score the model, ablations and baselines on held-out users (against the truth if known)."""
+    from creditgraph.layout import RunLayout
+    from creditgraph.utils.io import read_json
     from creditgraph.utils.tables import markdown_table
 
-    console.print(markdown_table(report["rows"]), highlight=False)
-    console.print(f"figures and metrics: {report['eval_dir']}")
+    names = None if ablations is None else [a.strip() for a in ablations.split(",") if a.strip()]
+    cfg = _config(config, {"evaluate.ablations": names})
+    layout = RunLayout(run)
+    data = Path(read_json(layout.graph.manifest)["data_dir"]) if layout.graph.exists() else None
+    stages = [f"ablation:{a}" for a in cfg.evaluate.ablations] + ["evaluate"]
+    _stages(stages, run, cfg, data, address, force)
+    report = read_json(layout.eval.metrics)
+    keys = ["name", "kind", "mise", "violation_rate", "granted_ratio", "auc", "ap", "ece"]
+    if not report["has_truth"]:
+        keys = ["name", "kind", "auc", "ap", "brier", "ece"]
+    console.print(
+        markdown_table([{k: r.get(k) for k in keys} for r in report["rows"]]), highlight=False
+    )
+    console.print(f"figures and metrics: {layout.eval.dir}")
+
+
+Snapshots = Annotated[
+    Path | None,
+    typer.Option("--snapshots", help="snapshot registry (default: RUN.snapshots beside the run)"),
+]
 
 
 @app.command()
 def embed(
     run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
-    store: Annotated[str | None, typer.Option(help="store URI (file path or redis://...)")] = None,
+    data: Annotated[Path, typer.Option("--data", help="dataset whose users and links to embed")],
+    out: Annotated[Path, typer.Option("--out", help="output directory (summary.json)")],
+    snapshots: Snapshots = None,
+    store: Annotated[str | None, typer.Option(help="redis:// URI for the records")] = None,
     address: Address = None,
 ) -> None:
-    """Batch stage of two-stage inference: write every user's graph context to the store."""
-    from creditgraph.serving.embed import build_embeddings
+    """Publish a snapshot of user and entity records WITHOUT decisions (so without cluster caps;
+    the snapshot says so and the service reports it). `score` makes complete snapshots."""
+    from creditgraph.serving.score import score_users
 
     _ray(address)
-    try:
-        console.print_json(data=build_embeddings(run, store))
-    except FileNotFoundError as exc:
-        _fail(exc)
+    summary = score_users(run, data, out, registry=snapshots, store_uri=store, decide=False)
+    console.print(
+        f"snapshot {summary['snapshot']} (no decisions, no cluster caps) as of "
+        f"{summary['decision_time']}; promote it with: creditgraph snapshot promote "
+        f"{summary['snapshot']} --run {run}"
+    )
 
 
 @app.command()
@@ -209,86 +440,163 @@ def score(
     run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
     data: Annotated[Path, typer.Option("--data", help="dataset directory of the users to score")],
     out: Annotated[Path, typer.Option("--out", help="output directory (written atomically)")],
-    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
-    grid: Annotated[
-        str | None, typer.Option(help="limits grid as start:stop:step, e.g. 0:50000:1000")
-    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml (policy:)")] = None,
     r_max: Annotated[float | None, typer.Option("--r-max", min=0.0, max=1.0)] = None,
-    store: Annotated[str | None, typer.Option(help="embedding store URI")] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", help="decide every user as of this time (a rescoring)"),
+    ] = None,
     rules: Annotated[Path | None, typer.Option(help="rule set directory (guardrails)")] = None,
-    skip_unknown: Annotated[bool, typer.Option(help="skip users unknown to the graph")] = False,
+    snapshots: Snapshots = None,
+    store: Annotated[
+        str | None, typer.Option(help="redis:// URI for the snapshot's records")
+    ] = None,
+    promote: Annotated[bool, typer.Option(help="serve the new snapshot right away")] = False,
     max_actors: Annotated[int, typer.Option(min=1, help="autoscaling actor pool max size")] = 2,
     address: Address = None,
 ) -> None:
-    """Rescore users in batch (Ray Data): risk curves and decided limits."""
-    import numpy as np
+    """Score every user and link of DATA (Ray Data): curves, decisions and a new snapshot.
 
-    from creditgraph.config import PipelineConfig
+    The grid is the run's own (0 to the 99th percentile of its training limits) unless the
+    config's `policy.grid` says otherwise. The trained run is never written to."""
     from creditgraph.serving.score import score_users
 
-    cfg = PipelineConfig.load(config)
-    grid_values = None
-    if grid:
-        try:
-            start, stop, step = (float(x) for x in grid.split(":"))
-            from creditgraph.policy.config import GridConfig
-
-            grid_values = GridConfig(start=start, stop=stop, step=step).values()
-        except Exception as exc:  # bad syntax or a grid the policy refuses
-            _fail(ValueError(f"--grid {grid!r}: {exc}"))
+    cfg = _config(config, {"policy.r_max": r_max})
     _ray(address)
+    summary = score_users(
+        run,
+        data,
+        out,
+        cfg.policy,
+        as_of=as_of,
+        rules_dir=rules,
+        registry=snapshots,
+        store_uri=store,
+        promote=promote,
+        max_actors=max_actors,
+    )
+    console.print_json(data={k: v for k, v in summary.items() if k not in ("edges", "nodes")})
+
+
+snapshot_app = typer.Typer(help="List, promote and roll back the snapshots a service reads.")
+_app.add_typer(snapshot_app, name="snapshot")
+
+
+def _registry(run: Path, snapshots: Path | None):
+    from creditgraph.layout import RunLayout
+    from creditgraph.serving.snapshot import Registry
+
+    return Registry.for_run(RunLayout(run), snapshots)
+
+
+@snapshot_app.command("list")
+@_user_errors
+def snapshot_list(
+    run: Annotated[Path, typer.Option("--run", help="run directory")],
+    snapshots: Snapshots = None,
+) -> None:
+    """The registry's snapshots, oldest first; the promoted one is marked."""
+    from creditgraph.utils.tables import markdown_table
+
+    rows = _registry(run, snapshots).list()
+    console.print(markdown_table(rows) if rows else "no snapshots", highlight=False)
+
+
+@snapshot_app.command("promote")
+@_user_errors
+def snapshot_promote(
+    snapshot_id: Annotated[str, typer.Argument(help="snapshot id (see `snapshot list`)")],
+    run: Annotated[Path, typer.Option("--run", help="run directory")],
+    snapshots: Snapshots = None,
+) -> None:
+    """Serve SNAPSHOT_ID from now on (running services switch without a restart)."""
+    from creditgraph.serving.snapshot import SnapshotError
+
     try:
-        summary = score_users(
-            run,
-            data,
-            out,
-            cfg,
-            grid=None if grid_values is None else np.asarray(grid_values),
-            r_max=r_max,
-            store_uri=store,
-            rules_dir=str(rules) if rules else None,
-            skip_unknown=skip_unknown,
-            max_actors=max_actors,
-        )
-    except (DataValidationError, FileNotFoundError, ValueError) as exc:
+        pointer = _registry(run, snapshots).promote(snapshot_id)
+    except SnapshotError as exc:
         _fail(exc)
-    console.print_json(data=summary)
+    console.print(f"promoted {pointer['current']}")
+
+
+@snapshot_app.command("rollback")
+@_user_errors
+def snapshot_rollback(
+    run: Annotated[Path, typer.Option("--run", help="run directory")],
+    snapshots: Snapshots = None,
+) -> None:
+    """Serve the previously promoted snapshot again."""
+    from creditgraph.serving.snapshot import SnapshotError
+
+    try:
+        pointer = _registry(run, snapshots).rollback()
+    except SnapshotError as exc:
+        _fail(exc)
+    console.print(f"rolled back to {pointer['current']}")
 
 
 @app.command()
 def serve(
     run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
-    store: Annotated[str | None, typer.Option(help="embedding store URI")] = None,
+    snapshots: Snapshots = None,
     rules: Annotated[Path | None, typer.Option(help="rule set directory (guardrails)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml (policy)")] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            help="serve WITHOUT authentication (local development only; logged loudly). "
+            "Otherwise CREDITGRAPH_API_TOKEN (role decide) and/or CREDITGRAPH_ADMIN_TOKEN "
+            "(role admin) must be set"
+        ),
+    ] = False,
     address: Address = None,
 ) -> None:
-    """Start the online decision API (Ray Serve) and block; Ctrl-C stops it."""
-    import time
+    """Start the online decision API (Ray Serve) on the promoted snapshot; SIGTERM or Ctrl-C
+    drains in-flight requests and exits 0.
+
+    Auth: every endpoint but /healthz needs `Authorization: Bearer <token>`; the `decide` role
+    may ask for a lower ceiling than the policy's, the `admin` role may override the policy and
+    promote or roll back snapshots."""
+    import os
+    import signal
+    import threading
 
     from ray import serve as ray_serve
 
-    from creditgraph.serving.app import build_app
+    from creditgraph.serving.app import ADMIN_TOKEN_ENV, TOKEN_ENV, build_app
 
+    if not insecure and not (os.environ.get(TOKEN_ENV) or os.environ.get(ADMIN_TOKEN_ENV)):
+        _fail(
+            ValueError(
+                f"no API token: set {TOKEN_ENV} (and {ADMIN_TOKEN_ENV} for admins), or run "
+                "open for local development with --insecure"
+            )
+        )
+    _registry(run, snapshots).open().close()  # a promoted snapshot exists and opens
     _ray(address)
+    if insecure:
+        console.print("[bold yellow]WARNING: serving without authentication (--insecure)[/]")
     ray_serve.start(http_options={"host": host, "port": port})
     args = {
         "run_dir": str(run.resolve()),
-        "store_uri": store,
-        "rules_dir": str(rules) if rules else None,
-        "policy_config": str(config) if config else None,
+        "snapshots": None if snapshots is None else str(snapshots.resolve()),
+        "rules_dir": str(rules.resolve()) if rules else None,
+        "policy_config": str(config.resolve()) if config else None,
+        "insecure": insecure,
     }
-    ray_serve.run(build_app(args), name="creditgraph", route_prefix="/")
-    console.print(
-        f"decision API on http://{host}:{port}/v1/decisions (docs: /docs); Ctrl-C to stop"
-    )
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        ray_serve.shutdown()
+    app_ = build_app(args)
+    # the replicas read the tokens from the environment they inherit from this local runtime;
+    # on a cluster, set them in the Serve config's runtime_env (docs/cluster.md)
+    ray_serve.run(app_, name="creditgraph", route_prefix="/")
+    console.print(f"decision API on http://{host}:{port}/v1/decisions (docs: /docs)")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    console.print("draining in-flight requests and stopping")
+    ray_serve.shutdown()
 
 
 @app.command("run")
@@ -300,17 +608,15 @@ def run_all(
     force: Annotated[bool, typer.Option(help="rerun stages even if reusable")] = False,
     address: Address = None,
 ) -> None:
-    """Run every stage (build, partition, pretrain, train, evaluate), reusing unchanged ones."""
-    from creditgraph.config import PipelineConfig
+    """Run every stage (build, partition, pretrain, train, ablations, evaluate), reusing unchanged ones."""
     from creditgraph.pipeline import run_pipeline
 
-    cfg = PipelineConfig.load(config)
-    _ray(address)
-    try:
-        report = run_pipeline(data, out, cfg, stop_after=stop_after, force=force)
-    except DataValidationError as exc:
-        _fail(exc)
-    console.print_json(data=report)
+    cfg = _config(config)
+    report = run_pipeline(data, out, cfg, stop_after=stop_after, force=force, address=address)
+    for name, r in report.items():
+        state = "reused" if r["reused"] else f"ran in {r['seconds']:.1f}s"
+        console.print(f"stage {name}: {state}", highlight=False)
+    console.print(f"run folder: {out.resolve()}  (evaluation report: {out.resolve() / 'eval'})")
 
 
 @app.command()
@@ -334,33 +640,28 @@ def rules(
     address: Address = None,
 ) -> None:
     """Learn readable rules whose confidence meets --min-confidence, with maximal coverage."""
-    from creditgraph.config import PipelineConfig
     from creditgraph.rules.learn import learn_rules
 
-    try:
-        cfg = PipelineConfig.load(config).rules
-        update = {"target": target, "min_confidence": min_confidence, "seed": seed}
-        cfg = cfg.model_validate(
-            {**cfg.model_dump(), **{k: v for k, v in update.items() if v is not None}}
-        )
-        if max_rules is not None:
-            cfg.estimator["max_rules"] = max_rules
-        if exclude:
-            cfg.exclude = [c.strip() for c in exclude.split(",") if c.strip()]
-        if address:  # otherwise a local runtime starts when (and only if) it is needed
-            _ray(address)
-        learn_rules(data, out, cfg)
-    except (DataValidationError, ValueError) as exc:
-        _fail(exc)
+    cfg = _config(
+        config,
+        {
+            "rules.target": target,
+            "rules.min_confidence": min_confidence,
+            "rules.seed": seed,
+            "rules.estimator.max_rules": max_rules,
+            "rules.exclude": [c.strip() for c in exclude.split(",") if c.strip()]
+            if exclude
+            else None,
+        },
+    ).rules
+    if cfg.estimator.get("use_ray", True):
+        _ray(address)
+    learn_rules(data, out, cfg)
     console.print(f"wrote {out}/rules.json, rules.sql, rules.txt, summary.json")
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    try:
-        app()
-    except DataValidationError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
+from lightgbm import LGBMRegressor
 from pydantic import BaseModel, ConfigDict, Field
 
-
-def _default_teacher_params() -> dict[str, Any]:
-    return {
-        "n_estimators": 500,
-        "learning_rate": 0.05,
-        "num_leaves": 15,
-        "min_child_samples": 50,
-        "subsample": 0.8,
-        "subsample_freq": 1,
-        "colsample_bytree": 0.8,
-        "reg_lambda": 1.0,
-    }
+from creditgraph.causal.dag import HillClimbDAG
+from creditgraph.causal.teacher import DEFAULT_PARAMS, Teacher
 
 
 def _default_nuisance_params() -> dict[str, Any]:
@@ -33,20 +25,32 @@ def _default_nuisance_params() -> dict[str, Any]:
     }
 
 
+_TEACHER = inspect.signature(Teacher).parameters
+
+
 class TeacherConfig(BaseModel):
-    """K-fold cross-fitted LightGBM teacher whose out-of-fold probabilities are the soft labels."""
+    """K-fold cross-fitted LightGBM teacher whose out-of-fold probabilities are the soft labels.
+
+    The estimator's fields are :class:`~creditgraph.causal.teacher.Teacher`'s parameters with its
+    defaults; :meth:`build` gives the estimator.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    n_folds: int = Field(5, ge=2, description="cross-fitting folds for the out-of-fold soft labels")
+    n_folds: int = Field(
+        _TEACHER["n_folds"].default, ge=2, description="cross-fitting folds for the soft labels"
+    )
     params: dict[str, Any] = Field(
-        default_factory=_default_teacher_params,
+        default_factory=lambda: dict(DEFAULT_PARAMS),
         description="LGBMClassifier keyword arguments (missing values are handled natively)",
     )
-    n_jobs: int = Field(2, ge=1, description="LightGBM threads")
+    n_jobs: int = Field(_TEACHER["n_jobs"].default, ge=1, description="LightGBM threads")
     early_stopping: int | None = Field(
-        50, ge=1, description="rounds without held-out improvement before a fold model stops"
+        _TEACHER["early_stopping"].default,
+        ge=1,
+        description="rounds without held-out improvement before a fold model stops",
     )
+    random_state: int = _TEACHER["random_state"].default
     include_treatment: bool = Field(
         False,
         description=(
@@ -56,7 +60,10 @@ class TeacherConfig(BaseModel):
             "limit policy"
         ),
     )
-    seed: int = 0
+
+    def build(self) -> Teacher:
+        """The teacher estimator with these settings."""
+        return Teacher(**self.model_dump(exclude={"include_treatment"}))
 
 
 class DMLConfig(BaseModel):
@@ -92,29 +99,53 @@ class DMLConfig(BaseModel):
     ci_level: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
 
+    def nuisance(self) -> LGBMRegressor:
+        """The nuisance estimator for E[Y|W] and E[T|W] (seeded per feature by the DML)."""
+        params = {"verbose": -1, **self.nuisance_params}
+        return LGBMRegressor(n_jobs=self.n_jobs, deterministic=True, **params)
+
+
+_DAG = inspect.signature(HillClimbDAG).parameters
+
 
 class DAGConfig(BaseModel):
-    """Hill-climbing search of the feature DAG under a (Gaussian) BIC score."""
+    """Hill-climbing search of the feature DAG under a (Gaussian) BIC score.
+
+    The fields are :class:`~creditgraph.causal.dag.HillClimbDAG`'s parameters with its defaults
+    (one set of defaults); :meth:`build` gives the estimator.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    max_parents: int = Field(3, ge=1)
-    tabu_length: int = Field(100, ge=0)
-    max_iter: int = Field(10_000, ge=1)
+    max_parents: int = Field(_DAG["max_parents"].default, ge=1)
+    tabu_length: int = Field(_DAG["tabu_length"].default, ge=0)
+    max_iter: int = Field(_DAG["max_iter"].default, ge=1)
     penalty: float = Field(
-        1.0, gt=0, description="multiplier of the BIC penalty (log n)/2 per parameter"
+        _DAG["penalty"].default,
+        gt=0,
+        description="multiplier of the BIC penalty (log n)/2 per parameter",
     )
     epsilon: float = Field(
-        1e-4, ge=0, description="stop when the best move improves less than this"
+        _DAG["epsilon"].default, ge=0, description="stop when the best move improves less than this"
     )
     restarts: int = Field(
-        20, ge=0, description="perturb-and-climb-again rounds after the first climb (0 = plain)"
+        _DAG["restarts"].default,
+        ge=0,
+        description="perturb-and-climb-again rounds after the first climb (0 = plain)",
     )
-    perturb_moves: int = Field(10, ge=1, description="random moves per restart")
+    perturb_moves: int = Field(
+        _DAG["perturb_moves"].default, ge=1, description="random moves per restart"
+    )
     max_rows: int | None = Field(
-        1_000_000, ge=10, description="seeded row subsample cap for the covariance statistics"
+        _DAG["max_rows"].default,
+        ge=10,
+        description="seeded row subsample cap for the covariance statistics",
     )
-    seed: int = 0
+    random_state: int = _DAG["random_state"].default
+
+    def build(self) -> HillClimbDAG:
+        """The Gaussian-BIC estimator with these settings."""
+        return HillClimbDAG(score="gaussian", **self.model_dump())
 
 
 class PretrainConfig(BaseModel):

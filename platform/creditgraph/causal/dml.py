@@ -27,9 +27,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray
+from econml.dml import LinearDML
+from sklearn.base import clone
+from tqdm.auto import tqdm
 
 from creditgraph.causal.config import DMLConfig
 from creditgraph.utils.logs import get_logger
+from creditgraph.utils.runtime import require_ray
 
 log = get_logger(__name__)
 
@@ -60,11 +65,12 @@ def subsample_rows(n: int, max_rows: int | None, seed: int) -> np.ndarray | None
     return np.sort(rng.choice(n, size=max_rows, replace=False))
 
 
-def _nuisance(cfg: DMLConfig, seed: int) -> Any:
-    import lightgbm as lgb
-
-    params = {"verbose": -1, **cfg.nuisance_params}
-    return lgb.LGBMRegressor(random_state=seed, n_jobs=cfg.n_jobs, deterministic=True, **params)
+def _seeded(estimator: Any, seed: int) -> Any:
+    """A fresh copy of a nuisance estimator, seeded when it takes a ``random_state``."""
+    est = clone(estimator)
+    if "random_state" in est.get_params():
+        est.set_params(random_state=seed)
+    return est
 
 
 def fit_feature(
@@ -74,13 +80,15 @@ def fit_feature(
     cfg: DMLConfig,
     name: str | None = None,
     controls: np.ndarray | None = None,
+    model_y: Any = None,
+    model_t: Any = None,
 ) -> dict[str, Any]:
     """Estimate alpha_j for column ``j`` of ``X`` (NaN = missing); raises on failure.
 
     ``controls`` are extra columns that are always controls, never treatments (e.g. the limit).
+    ``model_y`` / ``model_t`` are the nuisance estimators (scikit-learn regressors, econml's
+    convention; default ``cfg.nuisance()``), cloned and seeded per feature.
     """
-    from econml.dml import LinearDML
-
     t0 = time.perf_counter()
     x = X[:, j]
     rows = np.flatnonzero(~np.isnan(x) & ~np.isnan(y))
@@ -97,8 +105,8 @@ def fit_feature(
     yy = np.asarray(y, dtype=np.float64)[rows]
     seed = feature_seed(cfg.seed, j)
     est = LinearDML(
-        model_y=_nuisance(cfg, seed),
-        model_t=_nuisance(cfg, seed + 1),
+        model_y=_seeded(model_y if model_y is not None else cfg.nuisance(), seed),
+        model_t=_seeded(model_t if model_t is not None else cfg.nuisance(), seed + 1),
         cv=cfg.cv,
         random_state=seed,
         allow_missing=cfg.heterogeneity == "constant",
@@ -185,8 +193,9 @@ def _fit_batch(
     batch: list[int],
     names: list[str],
     cfg: DMLConfig,
+    nuisances: tuple[Any, Any],
 ) -> list[dict[str, Any]]:
-    return [fit_feature(X, y, j, cfg, names[i], controls) for i, j in enumerate(batch)]
+    return [fit_feature(X, y, j, cfg, names[i], controls, *nuisances) for i, j in enumerate(batch)]
 
 
 def dml_sequential(
@@ -196,16 +205,16 @@ def dml_sequential(
     cfg: DMLConfig,
     controls: np.ndarray | None = None,
     progress: bool = False,
+    model_y: Any = None,
+    model_t: Any = None,
 ) -> pd.DataFrame:
     """The plain loop: every feature in turn in this process, retried up to ``max_retries``."""
-    from tqdm.auto import tqdm
-
     X, y, controls = _prepare(X, y, controls, cfg)
     results: dict[int, dict[str, Any]] = {}
     for j in tqdm(range(X.shape[1]), desc="DML", disable=not progress):
         for attempt in range(cfg.max_retries + 1):
             try:
-                results[j] = fit_feature(X, y, j, cfg, feature_names[j], controls)
+                results[j] = fit_feature(X, y, j, cfg, feature_names[j], controls, model_y, model_t)
                 break
             except Exception as exc:
                 if attempt == cfg.max_retries:
@@ -220,31 +229,28 @@ def dml_ray(
     cfg: DMLConfig,
     controls: np.ndarray | None = None,
     progress: bool = False,
+    model_y: Any = None,
+    model_t: Any = None,
 ) -> pd.DataFrame:
     """All features as Ray tasks (``features_per_task`` per task, ``n_jobs`` CPUs each).
 
     The data go to the object store once. A task that still fails after ``max_retries`` Ray
     retries is split into single-feature tasks, so one bad feature is reported (name and error)
-    without losing the others in its batch. Uses the running Ray runtime (or starts a local one).
+    without losing the others in its batch. Needs a running Ray runtime.
     """
-    import ray
-    from tqdm.auto import tqdm
-
-    from creditgraph.utils.runtime import init_ray
-
-    init_ray()
+    require_ray("the per-feature DML on Ray")
 
     X, y, controls = _prepare(X, y, controls, cfg)
     names = list(feature_names)
     if len(names) != X.shape[1]:
         raise ValueError(f"{len(names)} names for {X.shape[1]} columns")
-    refs = ray.put(X), ray.put(y), ray.put(controls), ray.put(cfg)
+    refs = ray.put(X), ray.put(y), ray.put(controls), ray.put(cfg), ray.put((model_y, model_t))
     remote = ray.remote(_fit_batch).options(
         num_cpus=cfg.n_jobs, max_retries=cfg.max_retries, retry_exceptions=True
     )
 
     def submit(batch: list[int]) -> Any:
-        return remote.remote(*refs[:3], batch, [names[j] for j in batch], refs[3])
+        return remote.remote(*refs[:3], batch, [names[j] for j in batch], *refs[3:])
 
     d, step = len(names), cfg.features_per_task
     pending = {submit(b): b for b in (list(range(i, min(i + step, d))) for i in range(0, d, step))}

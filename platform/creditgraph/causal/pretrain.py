@@ -2,8 +2,9 @@
 
 Reads the built graph (``RUN/graph``) and writes, atomically, ``RUN/pretrain``::
 
-    manifest.json        version, config, input fingerprint, timings, teacher OOF AUC, counts
+    manifest.json        version, config, graph version, timings, teacher OOF AUC, counts
     teacher.txt          the teacher's final LightGBM model (text format)
+    teacher.json         the teacher's parameters
     soft_labels.parquet  node, soft_label, is_oof (one row per user, node order)
     leaves.npy           int32 [n_users, n_trees]: the teacher's leaf per tree (GBDT encoding)
     alpha.parquet        feature, alpha, stderr, ci_low, ci_high, scale, n_rows, seconds, status,
@@ -29,7 +30,6 @@ regularized defaults of ``TeacherConfig`` keep that small; more labeled users sh
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,11 @@ import numpy as np
 import pandas as pd
 
 from creditgraph.causal.config import PretrainConfig
-from creditgraph.causal.dag import HillClimbDAG
 from creditgraph.causal.dml import dml_ray, dml_sequential
-from creditgraph.causal.teacher import Teacher
 from creditgraph.data.errors import DataValidationError
-from creditgraph.graph.artifacts import PRETRAIN_DIR, GraphArtifacts
-from creditgraph.utils.io import atomic_dir, fingerprint, read_json, write_json
+from creditgraph.graph.artifacts import GraphArtifacts
+from creditgraph.layout import PretrainFiles, RunLayout, as_layout
+from creditgraph.utils.io import atomic_dir, write_json
 from creditgraph.utils.logs import get_logger
 
 log = get_logger(__name__)
@@ -63,35 +62,17 @@ def _masked_z(g: GraphArtifacts) -> np.ndarray:
     return np.where(np.asarray(g.omega, dtype=bool), g.z, np.nan).astype(np.float32)
 
 
-def _stage_fingerprint(g: GraphArtifacts, cfg: PretrainConfig) -> str:
-    graph_fp = g.manifest.get("fingerprint") or fingerprint(g.manifest)
-    # use_ray changes where the work runs, not the numbers
-    return fingerprint(VERSION, graph_fp, cfg.model_dump(exclude={"use_ray"}))
-
-
 def run_pretrain(
-    run_dir: str | Path,
-    config: PretrainConfig | None = None,
-    reuse: bool = False,
-    address: str | None = None,
+    run: RunLayout | str | Path, config: PretrainConfig | None = None
 ) -> dict[str, Any]:
     """Fit the teacher, alpha_j and the DAG on a built graph and write ``RUN/pretrain``.
 
-    With ``reuse``, an existing output whose fingerprint (graph input + config) matches is kept
-    and its summary returned. With ``config.use_ray`` the DML runs as Ray tasks on the running
-    Ray runtime, or on ``address`` / a new local one if none is running. Returns a summary dict.
+    With ``config.use_ray`` the DML runs as Ray tasks on the running Ray runtime. Returns a
+    summary dict.
     """
     cfg = config or PretrainConfig()
-    run_dir = Path(run_dir)
-    g = GraphArtifacts.load(run_dir)
-    out = run_dir / PRETRAIN_DIR
-    fp = _stage_fingerprint(g, cfg)
-    if reuse and (out / "manifest.json").exists():
-        old = read_json(out / "manifest.json")
-        if old.get("fingerprint") == fp:
-            log.info("pretrain: reusing %s (same input and config)", out)
-            return {**old["summary"], "reused": True}
-
+    run = as_layout(run)
+    g = GraphArtifacts.load(run)
     users = g.users
     outcome = users["outcome"].to_numpy(np.float64)
     train = g.split_mask("train")
@@ -102,10 +83,8 @@ def run_pretrain(
     t0 = time.perf_counter()
     tc = cfg.teacher
     Xt = _teacher_inputs(g, tc.include_treatment)
-    teacher = Teacher(tc.n_folds, tc.params, tc.n_jobs, tc.early_stopping, tc.seed).fit(
-        Xt[fit_rows], outcome[fit_rows]
-    )
-    soft = teacher.predict_proba(Xt)
+    teacher = tc.build().fit(Xt[fit_rows], outcome[fit_rows])
+    soft = teacher.predict_risk(Xt)
     soft[fit_rows] = teacher.oof_proba_
     is_oof = np.zeros(g.n_users, dtype=bool)
     is_oof[fit_rows] = True
@@ -122,34 +101,19 @@ def run_pretrain(
     names = g.feature_names
     controls = Xt[fit_rows, -1:] if tc.include_treatment else None
     if cfg.use_ray:
-        from creditgraph.utils.runtime import init_ray
-
-        init_ray(address)
         alpha = dml_ray(Z[fit_rows], soft[fit_rows], names, cfg.dml, controls, progress=True)
     else:
         alpha = dml_sequential(Z[fit_rows], soft[fit_rows], names, cfg.dml, controls, progress=True)
     timings["dml"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    dc = cfg.dag
-    dag = HillClimbDAG(
-        score="gaussian",
-        max_parents=dc.max_parents,
-        tabu_length=dc.tabu_length,
-        max_iter=dc.max_iter,
-        penalty=dc.penalty,
-        epsilon=dc.epsilon,
-        restarts=dc.restarts,
-        perturb_moves=dc.perturb_moves,
-        max_rows=dc.max_rows,
-        seed=dc.seed,
-    ).fit(Z[train], names)
+    dag = cfg.dag.build().fit(Z[train], names)
     timings["dag"] = time.perf_counter() - t2
 
     ok = alpha[alpha["status"] == "ok"]
     top = ok.reindex(ok["alpha"].abs().sort_values(ascending=False).index).head(10)
     summary = {
-        "run": str(run_dir),
+        "run": str(run.root),
         "teacher_oof_auc": teacher.oof_auc_,
         "n_fit_users": len(fit_rows),
         "n_features": len(names),
@@ -164,7 +128,6 @@ def run_pretrain(
     }
     manifest = {
         "version": VERSION,
-        "fingerprint": fp,
         "graph_fingerprint": g.manifest.get("fingerprint"),
         "config": cfg.model_dump(),
         "feature_names": names,
@@ -174,15 +137,16 @@ def run_pretrain(
         "dag_iterations": dag.n_iter_,
         "summary": summary,
     }
-    with atomic_dir(out) as tmp:
-        teacher.save(tmp / "teacher.txt")
+    with atomic_dir(run.pretrain.dir) as tmp_dir:
+        tmp = PretrainFiles(tmp_dir)
+        teacher.save(tmp.teacher, tmp.teacher_params)
         pd.DataFrame(
             {"node": users["node"].to_numpy(np.int64), "soft_label": soft, "is_oof": is_oof}
-        ).to_parquet(tmp / "soft_labels.parquet", index=False)
-        np.save(tmp / "leaves.npy", leaves)
-        alpha.to_parquet(tmp / "alpha.parquet", index=False)
+        ).to_parquet(tmp.soft_labels, index=False)
+        np.save(tmp.leaves, leaves)
+        alpha.to_parquet(tmp.alpha, index=False)
         write_json(
-            tmp / "dag.json",
+            tmp.dag,
             {
                 "nodes": names,
                 "edges": [[p, c, delta] for p, c, delta in dag.named_edges()],
@@ -190,7 +154,7 @@ def run_pretrain(
             },
         )
         timings["total"] = time.perf_counter() - t0
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp.manifest, manifest)
     log.info(
         "pretrain: %d features (%d failed), %d DAG edges in %.1fs",
         len(names),
@@ -208,61 +172,4 @@ def _check_labels(y: np.ndarray) -> None:
             "outcome",
             "the teacher needs labeled train users of both classes (0 and 1)",
             count=len(y),
-        )
-
-
-@dataclass
-class PretrainArtifacts:
-    """``RUN/pretrain`` loaded for the model stage (arrays in graph node / feature order)."""
-
-    root: Path
-    manifest: dict
-    feature_names: list[str]
-    alpha_table: pd.DataFrame
-    alpha: np.ndarray  # float32 [n_features]; NaN where the DML failed
-    alpha_stderr: np.ndarray  # float32 [n_features]
-    dag_src: np.ndarray  # int64 [n_edges] parent feature index
-    dag_dst: np.ndarray  # int64 [n_edges] child feature index
-    dag_delta: np.ndarray  # float32 [n_edges] BIC lost by removing the edge
-    soft_label: np.ndarray  # float32 [n_users]
-    is_oof: np.ndarray  # bool [n_users]
-    leaves: np.ndarray  # int32 [n_users, n_trees]
-
-    @property
-    def alpha_filled(self) -> np.ndarray:
-        """alpha with failed features set to 0 (no causal weight)."""
-        return np.nan_to_num(self.alpha, nan=0.0)
-
-    def teacher(self) -> Teacher:
-        """The final teacher model (predict_proba / leaves)."""
-        return Teacher.load(self.root / "teacher.txt")
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> PretrainArtifacts:
-        root = Path(run_dir) / PRETRAIN_DIR
-        if not (root / "manifest.json").exists():
-            raise FileNotFoundError(
-                f"no pretrain output at {root}; run `creditgraph pretrain` first"
-            )
-        manifest = read_json(root / "manifest.json")
-        names = list(manifest["feature_names"])
-        table = pd.read_parquet(root / "alpha.parquet")
-        table = table.set_index("feature").loc[names].reset_index()
-        dag = read_json(root / "dag.json")
-        index = {n: i for i, n in enumerate(names)}
-        edges = dag["edges"]
-        soft = pd.read_parquet(root / "soft_labels.parquet").sort_values("node")
-        return cls(
-            root=root,
-            manifest=manifest,
-            feature_names=names,
-            alpha_table=table,
-            alpha=table["alpha"].to_numpy(np.float32),
-            alpha_stderr=table["stderr"].to_numpy(np.float32),
-            dag_src=np.array([index[e[0]] for e in edges], dtype=np.int64),
-            dag_dst=np.array([index[e[1]] for e in edges], dtype=np.int64),
-            dag_delta=np.array([e[2] for e in edges], dtype=np.float32),
-            soft_label=soft["soft_label"].to_numpy(np.float32),
-            is_oof=soft["is_oof"].to_numpy(bool),
-            leaves=np.load(root / "leaves.npy"),
         )

@@ -29,7 +29,7 @@ class DataValidationError(ValueError):
 
     def _render(self) -> str:
         where = self.file + (f", column '{self.column}'" if self.column else "")
-        text = f"{where}: {self.message}"
+        text = f"{where}: {' '.join(str(self.message).splitlines())}"  # always one line
         if self.count is not None:
             text += f" ({self.count} row(s))"
         if self.rows:
@@ -39,3 +39,20 @@ class DataValidationError(ValueError):
             )
             text += f"; e.g. {shown}"
         return text
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """One line saying what went wrong in ``exc``, without traceback text.
+
+    Errors raised inside Ray tasks carry the remote traceback in their text; the last unindented
+    line of it is the underlying error (``ArrowInvalid: ...``).
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    lines = [ln.rstrip() for ln in str(exc).splitlines() if ln.strip()]
+    body = [ln for ln in lines if not ln[:1].isspace() and not ln.startswith("Traceback")]
+    text = (body or lines or [type(exc).__name__])[-1]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

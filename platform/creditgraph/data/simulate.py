@@ -14,6 +14,7 @@ p(default | do(limit = L)) on a grid, peers' limits held at their observed value
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -106,9 +107,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _groups(
-    rng: np.random.Generator, pool: np.ndarray, share: float, size: tuple[int, int]
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    share: float,
+    size: tuple[int, int],
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Assign a share of ``pool`` users to groups of random size; -1 = no group."""
+    """Assign a share of ``pool`` users to groups of random size; -1 = no group.
+
+    ``weights`` (optional, >= 0) makes heavier users likelier members (drawn without replacement).
+    """
     n = len(pool)
     group = np.full(n, -1, dtype=np.int64)
     k = int(share * n)
@@ -117,7 +125,10 @@ def _groups(
     sizes = rng.integers(size[0], size[1] + 1, size=k // size[0] + 1)
     sizes = sizes[: np.searchsorted(np.cumsum(sizes), k) + 1]
     labels = np.repeat(np.arange(len(sizes)), sizes)[:k]
-    chosen = rng.permutation(n)[:k]
+    if weights is None:
+        chosen = rng.permutation(n)[:k]
+    else:
+        chosen = rng.choice(n, size=k, replace=False, p=weights / weights.sum())
     group[chosen] = labels
     return group
 
@@ -287,7 +298,9 @@ def simulate(cfg: SimulationConfig) -> dict[str, pd.DataFrame]:
     )
 
     # --- links --------------------------------------------------------------------------
-    links = _links(rng, cfg, n, as_of, gang, household, office, defaulted=(y == 1) & matured)
+    links = simulate_links(
+        rng, cfg, n, as_of, gang, household, office, defaulted=(y == 1) & matured
+    )
 
     # --- segments for reports -------------------------------------------------------------
     supernode = np.zeros(n, dtype=bool)
@@ -305,14 +318,7 @@ def simulate(cfg: SimulationConfig) -> dict[str, pd.DataFrame]:
         users[k] = v
     users["credit_limit"] = limit
     users["default"] = outcome
-    link_df = pd.DataFrame(
-        {
-            "user_id": user_id[links["user_idx"]],
-            "entity_type": pd.Categorical.from_codes(links["type"], list(ENTITY_TYPES)).astype(str),
-            "entity_id": links["entity"],
-            "ts": (t0 + pd.to_timedelta(links["ts"], unit="D")).astype("datetime64[ms]"),
-        }
-    )
+    link_df = links_frame(links, user_id, t0)
     truth = {
         "user_id": np.repeat(user_id, len(grid)),
         "limit": np.tile(grid, n),
@@ -339,9 +345,22 @@ def _beta_ab(mean: np.ndarray, concentration: float) -> tuple[np.ndarray, np.nda
     return mean * concentration, (1 - mean) * concentration
 
 
-def _links(
+class LinkParams(Protocol):
+    """What :func:`simulate_links` reads from a config (both simulators' configs have these)."""
+
+    public_ips: int
+    public_ip_share: float
+    warehouses: int
+    warehouse_share: float
+    future_link_share: float
+    resight_share: float
+    collection_group: int
+    label_window_days: float
+
+
+def simulate_links(
     rng: np.random.Generator,
-    cfg: SimulationConfig,
+    cfg: LinkParams,
     n: int,
     as_of: np.ndarray,
     gang: np.ndarray,
@@ -349,7 +368,14 @@ def _links(
     office: np.ndarray,
     defaulted: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Link rows (user_idx, type code, entity id, ts in days, public flag), vectorized."""
+    """Link rows (user_idx, type code, entity id, ts in days, public flag), vectorized.
+
+    ``gang``, ``household`` and ``office`` are group ids per user (-1 = none); ``as_of`` and the
+    returned ``ts`` are days since the simulation start. Gangs share three devices, two phones and
+    an address; households an address (and sometimes a device); offices an address and an IP;
+    everyone has personal entities and some public super-nodes; a share of links is first seen
+    after ``as_of``; ``defaulted`` users are linked to collection phones after their default.
+    """
     type_code = {t: i for i, t in enumerate(ENTITY_TYPES)}
     users, types, ents, public = [], [], [], []
     next_id = [0]
@@ -424,6 +450,20 @@ def _links(
         is_public = np.concatenate([is_public, np.zeros(len(d), dtype=bool)])
         ts = np.concatenate([ts, col_ts])
     return {"user_idx": user_idx, "type": etype, "entity": entity, "ts": ts, "public": is_public}
+
+
+def links_frame(
+    links: dict[str, np.ndarray], user_id: np.ndarray, t0: pd.Timestamp
+) -> pd.DataFrame:
+    """The ``links.parquet`` table of :func:`simulate_links` output (times from day 0 = ``t0``)."""
+    return pd.DataFrame(
+        {
+            "user_id": user_id[links["user_idx"]],
+            "entity_type": pd.Categorical.from_codes(links["type"], list(ENTITY_TYPES)).astype(str),
+            "entity_id": links["entity"],
+            "ts": (t0 + pd.to_timedelta(links["ts"], unit="D")).astype("datetime64[ms]"),
+        }
+    )
 
 
 def simulate_to_dir(cfg: SimulationConfig, out: str | Path) -> dict:

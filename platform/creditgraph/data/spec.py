@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from creditgraph.data.errors import DataValidationError
+from creditgraph.data.orders import OrdersSpec
 
 LINK_COLUMNS = ("user_id", "entity_type", "entity_id", "ts")
 TRUTH_COLUMNS = ("user_id", "limit", "p_default")
@@ -31,6 +40,23 @@ class EntityType(BaseModel):
     )
 
 
+class TimeFormats(BaseModel):
+    """Declared formats of time strings (``strftime`` codes such as ``"%d/%m/%Y"``, or
+    ``"ISO8601"``). A column left undeclared gets ONE format inferred from its values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    users: str | None = Field(None, description="format of the users table's time column")
+    links: str | None = Field(None, description="format of the links table's ts column")
+
+    @field_validator("users", "links")
+    @classmethod
+    def _is_format(cls, v: str | None) -> str | None:
+        if v is not None and v != "ISO8601" and "%" not in v:
+            raise ValueError(f"not a time format: {v!r} (use strftime codes or 'ISO8601')")
+        return v
+
+
 class DatasetSpec(BaseModel):
     """``dataset.yaml``: which columns mean what, and how links become edges."""
 
@@ -49,12 +75,55 @@ class DatasetSpec(BaseModel):
     )
     entities: dict[str, EntityType] = Field(default_factory=dict)
     history_days: float = Field(90.0, gt=0, description="links older than this are ignored")
+    time_format: TimeFormats = Field(
+        default_factory=TimeFormats,
+        description="formats of time strings: one for both tables, or {users: ..., links: ...}; "
+        "time-zone-aware values are converted to UTC, naive values are taken as UTC",
+    )
+    reference_time: datetime | None = Field(
+        None,
+        description="the 'now' of historical data: an as_of or link ts after it is refused "
+        "(default: the current time + 1 day); naive = UTC",
+    )
+    max_abs_value: float = Field(
+        1e15, gt=0, description="feature values and limits beyond +-this are refused"
+    )
     users: str = "users.parquet"
     links: str | None = "links.parquet"
     truth: str | None = "truth.parquet"
     segments: str | None = Field(
         None, description="optional user_id->segment table (simulated data) for reports"
     )
+    family: Literal["credit", "orders"] = Field(
+        "credit", description="model family: credit limits (users) or order risk (orders)"
+    )
+    orders: OrdersSpec | None = Field(None, description="the order tables (family: orders)")
+
+    @model_validator(mode="after")
+    def _family_has_tables(self) -> DatasetSpec:
+        if self.family == "orders" and self.orders is None:
+            raise ValueError("family 'orders' needs an 'orders' section (the order tables)")
+        return self
+
+    @field_validator("time_format", mode="before")
+    @classmethod
+    def _one_format_for_both(cls, v: object) -> object:
+        return {"users": v, "links": v} if isinstance(v, str) else v
+
+    @field_validator("reference_time", mode="before")
+    @classmethod
+    def _date_is_midnight(cls, v: object) -> object:
+        # YAML turns 2025-06-30 into a date: take it as that day's midnight
+        if isinstance(v, date) and not isinstance(v, datetime):
+            return datetime(v.year, v.month, v.day)
+        return v
+
+    @field_validator("reference_time", mode="after")
+    @classmethod
+    def _to_naive_utc(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is not None:
+            v = v.astimezone(UTC).replace(tzinfo=None)
+        return v
 
     @model_validator(mode="after")
     def _distinct_roles(self) -> DatasetSpec:

@@ -20,7 +20,10 @@ import warnings
 from typing import ClassVar
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
+from econml.dml import CausalForestDML, LinearDML
+from lightgbm import LGBMClassifier, LGBMModel, LGBMRegressor
+from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.multioutput import MultiOutputRegressor
 
 from creditgraph.policy.decide import check_grid
 from creditgraph.utils.logs import get_logger
@@ -103,60 +106,60 @@ class ConstantCurve(CurveEstimator):
         return np.full((_check_X(X).shape[0], grid.size), self.rate_)
 
 
-def _lgbm_params(est: BaseEstimator, n_estimators: int) -> dict:
-    """LightGBM settings shared by the baselines (row/column subsampling, mild L2)."""
-    return {
-        "n_estimators": n_estimators,
-        "learning_rate": est.learning_rate,
-        "num_leaves": est.num_leaves,
-        "min_child_samples": est.min_child_samples,
-        "subsample": 0.8,
-        "subsample_freq": 1,
-        "colsample_bytree": 0.8,
-        "reg_lambda": 1.0,
-        "n_jobs": est.n_jobs,
-        "random_state": est.random_state,
-        "verbose": -1,
-    }
+def lgbm_classifier(n_estimators: int = 300, random_state: int = 0, **params) -> LGBMClassifier:
+    """The LightGBM classifier the baselines use unless given another estimator: row/column
+    subsampling, mild L2, one thread (the benchmark runs several fits side by side)."""
+    return LGBMClassifier(
+        **{
+            "n_estimators": n_estimators,
+            "learning_rate": 0.05,
+            "num_leaves": 31,
+            "min_child_samples": 50,
+            "subsample": 0.8,
+            "subsample_freq": 1,
+            "colsample_bytree": 0.8,
+            "reg_lambda": 1.0,
+            "n_jobs": 1,
+            "random_state": random_state,
+            "verbose": -1,
+            **params,
+        }
+    )
+
+
+def lgbm_regressor(n_estimators: int = 200, random_state: int = 0, **params) -> LGBMRegressor:
+    """The LightGBM regressor of the econml baselines' treatment nuisance (same settings)."""
+    return LGBMRegressor(**lgbm_classifier(n_estimators, random_state, **params).get_params())
 
 
 class LGBMSLearner(CurveEstimator):
-    """S-learner: one LightGBM classifier on ``[X, T]``; the curve sets ``T`` to each grid limit.
+    """S-learner: one classifier on ``[X, T]``; the curve sets ``T`` to each grid limit.
 
-    Missing features go to LightGBM as NaN (native handling). The limit enters untransformed:
-    trees are invariant to monotone transforms of a feature. ``monotone_limit=True`` constrains
-    the risk to be non-decreasing in the limit (what a careful modeller might add); the default is
-    the plain S-learner. Being a predictive model of the observed data, it estimates
-    p(default | X, T), which equals the causal curve only if ``X`` captures all confounding.
+    ``estimator`` is any scikit-learn classifier taking NaN (default: :func:`lgbm_classifier`);
+    missing features reach it as NaN. The limit enters untransformed: trees are invariant to
+    monotone transforms of a feature. ``monotone_limit=True`` constrains the risk to be
+    non-decreasing in the limit (LightGBM's ``monotone_constraints``; what a careful modeller
+    adds); the default is the plain S-learner. Being a predictive model of the observed data, it
+    estimates p(default | X, T), which equals the causal curve only if ``X`` captures all
+    confounding.
     """
 
-    def __init__(
-        self,
-        n_estimators: int = 300,
-        learning_rate: float = 0.05,
-        num_leaves: int = 31,
-        min_child_samples: int = 50,
-        monotone_limit: bool = False,
-        n_jobs: int = 1,
-        random_state: int = 0,
-    ) -> None:
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
+    def __init__(self, estimator=None, monotone_limit: bool = False, random_state: int = 0) -> None:
+        self.estimator = estimator
         self.monotone_limit = monotone_limit
-        self.n_jobs = n_jobs
         self.random_state = random_state
 
     def fit(self, X: np.ndarray, T: np.ndarray, Y: np.ndarray) -> LGBMSLearner:
-        from lightgbm import LGBMClassifier
-
         X, T, Y = _check_fit_inputs(X, T, Y)
         t0 = time.perf_counter()
-        params = _lgbm_params(self, self.n_estimators)
+        model = clone(self.estimator) if self.estimator is not None else lgbm_classifier()
+        if "random_state" in model.get_params():
+            model.set_params(random_state=self.random_state)
         if self.monotone_limit:
-            params["monotone_constraints"] = [0] * X.shape[1] + [1]
-        self.model_ = LGBMClassifier(**params).fit(np.column_stack([X, T]), Y)
+            if not isinstance(model, LGBMModel):
+                raise ValueError("monotone_limit needs a LightGBM estimator (monotone_constraints)")
+            model.set_params(monotone_constraints=[0] * X.shape[1] + [1])
+        self.model_ = model.fit(np.column_stack([X, T]), Y)
         self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
         log.debug("LGBMSLearner fitted on %d rows in %.1f s", len(Y), self.fit_seconds_)
@@ -252,12 +255,10 @@ class EconmlDMLCurve(CurveEstimator):
     def __init__(
         self,
         final: str = "forest",
+        model_y=None,
+        model_t=None,
         degree: int = 3,
         cv: int = 3,
-        nuisance_estimators: int = 200,
-        learning_rate: float = 0.05,
-        num_leaves: int = 31,
-        min_child_samples: int = 50,
         forest_estimators: int = 64,
         forest_min_samples_leaf: int = 100,
         forest_max_depth: int | None = 10,
@@ -265,12 +266,10 @@ class EconmlDMLCurve(CurveEstimator):
         random_state: int = 0,
     ) -> None:
         self.final = final
+        self.model_y = model_y
+        self.model_t = model_t
         self.degree = degree
         self.cv = cv
-        self.nuisance_estimators = nuisance_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
         self.forest_estimators = forest_estimators
         self.forest_min_samples_leaf = forest_min_samples_leaf
         self.forest_max_depth = forest_max_depth
@@ -278,13 +277,9 @@ class EconmlDMLCurve(CurveEstimator):
         self.random_state = random_state
 
     def _make_dml(self):
-        from econml.dml import CausalForestDML, LinearDML
-        from lightgbm import LGBMClassifier, LGBMRegressor
-        from sklearn.multioutput import MultiOutputRegressor
-
-        params = _lgbm_params(self, self.nuisance_estimators)
-        model_y = LGBMClassifier(**params)
-        model_t = LGBMRegressor(**params)
+        rs = self.random_state
+        model_y = clone(self.model_y) if self.model_y is not None else lgbm_classifier(200, rs)
+        model_t = clone(self.model_t) if self.model_t is not None else lgbm_regressor(200, rs)
         if self.degree > 1:
             model_t = MultiOutputRegressor(model_t)
         common = {
@@ -360,6 +355,7 @@ class EconmlDMLCurve(CurveEstimator):
 #: Baselines by the names reports and configs use: (class, preset parameters).
 BASELINES: dict[str, tuple[type[CurveEstimator], dict]] = {
     "lgbm_slearner": (LGBMSLearner, {}),
+    "lgbm_slearner_monotone": (LGBMSLearner, {"monotone_limit": True}),
     "econml_forest": (EconmlDMLCurve, {"final": "forest"}),
     "econml_linear": (EconmlDMLCurve, {"final": "linear"}),
     "constant": (ConstantCurve, {}),

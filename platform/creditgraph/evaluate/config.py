@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from creditgraph.evaluate.metrics import DEFAULT_LGD, DEFAULT_MARGIN
+from creditgraph.policy.config import DEFAULT_LGD, DEFAULT_MARGIN
 
 
 class EvaluateConfig(BaseModel):
@@ -25,7 +25,13 @@ class EvaluateConfig(BaseModel):
     calibration_bins: int = Field(10, ge=2, description="equal-mass bins of the calibration table")
     curves_per_segment: int = Field(3, ge=1, description="sample users per segment in the figure")
     baselines: list[str] = Field(
-        default_factory=lambda: ["lgbm_slearner", "econml_forest", "econml_linear", "constant"],
+        default_factory=lambda: [
+            "lgbm_slearner",
+            "lgbm_slearner_monotone",
+            "econml_forest",
+            "econml_linear",
+            "constant",
+        ],
         description="names from creditgraph.evaluate.baselines.BASELINES",
     )
     baseline_params: dict[str, dict[str, Any]] = Field(
@@ -34,7 +40,8 @@ class EvaluateConfig(BaseModel):
     ablations: list[str] = Field(
         default_factory=list,
         description="model variants trained and scored in the same run (names in "
-        "creditgraph.evaluate.run.ABLATIONS), e.g. [no_graph, no_interference, no_ipw, no_dsl, no_alpha]",
+        "creditgraph.evaluate.run.ABLATIONS), e.g. [towers_no_graph, no_interference, no_ipw, "
+        "no_dsl, no_alpha]",
     )
     seed: int = 0
 

@@ -11,59 +11,28 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from creditgraph.data.errors import DataValidationError
-from creditgraph.policy.decide import broadcast_per_user, check_grid, largest_feasible_limit
+from creditgraph.model.calibration import (
+    calibration_table,
+    expected_calibration_error,
+    labeled_pairs,
+)
+from creditgraph.policy.config import DEFAULT_LGD, DEFAULT_MARGIN
+from creditgraph.policy.decide import (
+    _curves,
+    broadcast_per_user,
+    check_grid,
+    curve_at,
+    largest_feasible_limit,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
-
-#: Defaults of the policy value (see :func:`policy_metrics`).
-DEFAULT_MARGIN = 0.05
-DEFAULT_LGD = 0.5
-
-
-def _curves(arr: np.ndarray, grid: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(arr, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] != grid.size:
-        raise ValueError(f"{name} must have shape (n, {grid.size}), got {arr.shape}")
-    return arr
-
-
-def curve_at(curves: np.ndarray, grid: np.ndarray, at: float | np.ndarray) -> np.ndarray:
-    """Read each user's curve at arbitrary limits by linear interpolation over the grid.
-
-    ``at`` is a scalar (same limit for everyone), ``float[n]`` (one limit per user, e.g. the
-    observed limit: this is the factual prediction) or ``float[n, k]`` (k limits per user).
-    Limits outside ``[grid[0], grid[-1]]`` take the value at the nearest end. The result has the
-    shape of ``at`` broadcast to ``[n]`` / ``[n, k]``.
-    """
-    grid = check_grid(grid)
-    curves = _curves(curves, grid, "curves")
-    n = curves.shape[0]
-    at = np.asarray(at, dtype=np.float64)
-    squeeze = at.ndim < 2
-    if at.ndim == 0:
-        at2 = np.full((n, 1), float(at))
-    elif at.ndim == 1 and at.shape == (n,):
-        at2 = at[:, None]
-    elif at.ndim == 2 and at.shape[0] == n:
-        at2 = at
-    else:
-        raise ValueError(f"at must be a scalar, ({n},) or ({n}, k), got {at.shape}")
-    if grid.size == 1:
-        out = np.repeat(curves, at2.shape[1], axis=1)
-        return out[:, 0] if squeeze else out
-    # Interval index i with grid[i] <= at < grid[i+1], clamped to the first/last interval.
-    i = np.clip(np.searchsorted(grid, at2, side="right") - 1, 0, grid.size - 2)
-    lo, hi = grid[i], grid[i + 1]
-    w = np.clip((at2 - lo) / (hi - lo), 0.0, 1.0)
-    rows = np.arange(n)[:, None]
-    out = (1.0 - w) * curves[rows, i] + w * curves[rows, i + 1]
-    return out[:, 0] if squeeze else out
 
 
 def mise(
@@ -91,6 +60,142 @@ def mise(
     return (value, ise) if per_user else value
 
 
+def oracle_policy_limits(
+    true_curves: np.ndarray,
+    grid: np.ndarray,
+    r_max: float | np.ndarray,
+    *,
+    cap: float | np.ndarray | None = None,
+    contiguous: bool = False,
+) -> np.ndarray:
+    """The oracle's limits: the largest grid limit whose TRUE risk is ``<= r_max``, else 0.
+
+    Same rule as :func:`~creditgraph.policy.decide.largest_feasible_limit` (with ``cap`` and
+    ``contiguous``), except that a user with no feasible grid limit is declined (limit 0) rather
+    than given the smallest grid limit.
+    """
+    limits, idx = largest_feasible_limit(true_curves, grid, r_max, cap, contiguous=contiguous)
+    n = limits.shape[0]
+    r = broadcast_per_user(r_max, n, "r_max")
+    ok = np.asarray(true_curves, dtype=np.float64)[np.arange(n), idx] <= r
+    if cap is not None:
+        ok &= limits <= broadcast_per_user(cap, n, "cap")
+    return np.where(ok, limits, 0.0)
+
+
+def _check_limits(limits: np.ndarray, n: int, name: str) -> np.ndarray:
+    limits = np.asarray(limits, dtype=np.float64)
+    if limits.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {limits.shape}")
+    bad = ~(np.isfinite(limits) & (limits >= 0))
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(
+            f"{name} must be finite and >= 0; bad rows {rows[:5].tolist()} ({rows.size} in all)"
+        )
+    return limits
+
+
+def _judge_one(
+    limits: np.ndarray, p: np.ndarray, r: np.ndarray, margin: float, lgd: float
+) -> dict[str, float]:
+    """Metrics of one policy given each user's limit and true risk at that limit."""
+    granted = limits > 0
+    n_granted = int(granted.sum())
+    value = margin * limits * (1.0 - p) - lgd * limits * p
+    total = float(limits.sum())
+    pg, rg, lg = p[granted], r[granted], limits[granted]
+    return {
+        "n_granted": float(n_granted),
+        "granted_share": float(granted.mean()),
+        # nobody granted: no over-ceiling user, but no portfolio either (NaN default rates)
+        "over_ceiling_rate": float((pg > rg).mean()) if n_granted else 0.0,
+        "excess_risk": float(np.maximum(pg - rg, 0.0).mean()) if n_granted else 0.0,
+        "portfolio_default_rate": float(pg.mean()) if n_granted else float("nan"),
+        "portfolio_default_rate_amount": float((lg * pg).sum() / total)
+        if total > 0
+        else float("nan"),
+        "granted_total": total,
+        "granted_mean": float(limits.mean()),
+        "value_mean": float(value.mean()),
+        "value_total": float(value.sum()),
+    }
+
+
+def judge_limits(
+    limits: np.ndarray,
+    true_curves: np.ndarray,
+    grid: np.ndarray,
+    r_max: float | np.ndarray,
+    *,
+    oracle_limits: np.ndarray | None = None,
+    margin: float = DEFAULT_MARGIN,
+    lgd: float = DEFAULT_LGD,
+) -> dict[str, float]:
+    """Judge any policy's decided limits with the true curves, as a risk officer reads them.
+
+    ``limits[n]`` (``>= 0``, 0 = declined) may lie off the truth grid: the true risk at a limit,
+    ``p_u = p_true_u(L_u)``, is read by linear interpolation (:func:`curve_at`; limits above
+    ``grid[-1]`` get the risk at ``grid[-1]`` and a warning). ``r_max`` is a scalar or per user.
+    The oracle grants each user the largest truth-grid limit with ``p_true <= r_max``, or
+    declines (0) when there is none (:func:`oracle_policy_limits`), unless ``oracle_limits``
+    is given.
+
+    Returned keys (every policy key also appears for the oracle as ``oracle_<key>``):
+
+    - ``n_users``, ``n_granted``, ``granted_share``: users with ``L > 0``.
+    - ``over_ceiling_rate``: among granted users, the share with ``p_u > r_max``. A declined
+      user is never a violation, whatever their risk at 0. 0 when nobody is granted.
+    - ``excess_risk``: mean over granted users of ``max(0, p_u - r_max)`` (0 when none).
+    - ``portfolio_default_rate``: mean ``p_u`` over granted users (the expected default rate of
+      the book); ``portfolio_default_rate_amount``: the same weighted by ``L_u`` (the expected
+      share of granted credit that defaults). NaN when nobody is granted.
+    - ``granted_total``, ``granted_mean``: sum / mean of ``L_u`` over all users.
+    - ``granted_ratio``: ``granted_total / oracle_granted_total`` (NaN when the oracle grants
+      nothing); ``oracle_total`` is an alias of ``oracle_granted_total``.
+    - ``limit_satisfaction``: over users the oracle grants (``L_oracle > 0``), the mean of
+      ``min(L_u, L_oracle) / L_oracle``: how much of the credit a user could safely have had
+      the policy gives (1 = all of it; granting more than the oracle does not count extra).
+      NaN when the oracle grants nobody.
+    - ``value_mean``, ``value_total``: ``V_u = margin * L_u * (1 - p_u) - lgd * L_u * p_u``,
+      assuming the limit is drawn in full. ``margin`` is the revenue per unit of limit that is
+      repaid over the horizon (default 0.05), ``lgd`` the share of the limit lost when the user
+      defaults (default 0.5).
+    """
+    grid = check_grid(grid)
+    true_curves = _curves(true_curves, grid, "true_curves")
+    n = true_curves.shape[0]
+    if n == 0:
+        raise ValueError("judge_limits needs at least one user")
+    limits = _check_limits(limits, n, "limits")
+    r = broadcast_per_user(r_max, n, "r_max")
+    if oracle_limits is None:
+        ora = oracle_policy_limits(true_curves, grid, r)
+    else:
+        ora = _check_limits(oracle_limits, n, "oracle_limits")
+    for name, arr in (("limits", limits), ("oracle_limits", ora)):
+        above = arr > grid[-1]
+        if above.any():
+            warnings.warn(
+                f"{name}: {int(above.sum())} limit(s) above the largest truth-grid limit "
+                f"{grid[-1]:g} (rows {np.flatnonzero(above)[:5].tolist()}); their true risk is "
+                "read at the grid's end, which understates it for increasing curves",
+                stacklevel=2,
+            )
+    est = _judge_one(limits, curve_at(true_curves, grid, limits), r, margin, lgd)
+    orc = _judge_one(ora, curve_at(true_curves, grid, ora), r, margin, lgd)
+    out: dict[str, float] = {"n_users": float(n), **est}
+    out.update({f"oracle_{k}": v for k, v in orc.items()})
+    tot = orc["granted_total"]
+    out["oracle_total"] = tot
+    out["granted_ratio"] = est["granted_total"] / tot if tot > 0 else float("nan")
+    pos = ora > 0
+    out["limit_satisfaction"] = (
+        float((np.minimum(limits[pos], ora[pos]) / ora[pos]).mean()) if pos.any() else float("nan")
+    )
+    return out
+
+
 def policy_metrics(
     pred_curves: np.ndarray,
     true_curves: np.ndarray,
@@ -105,24 +210,16 @@ def policy_metrics(
     """Judge the limits decided on estimated curves with the true curves, against the oracle.
 
     The decided limit ``L_u`` is :func:`~creditgraph.policy.decide.largest_feasible_limit` on
-    ``pred_curves``; the *oracle* applies the same rule (same ``r_max``, ``cap``, ``contiguous``)
-    to ``true_curves``. ``p_u = true_curves[u, index_u]`` is the true risk at the decided limit.
+    ``pred_curves`` (a user with no feasible limit gets the smallest grid limit, as in
+    production); the oracle applies the same rule (same ``r_max``, ``cap``, ``contiguous``) to
+    ``true_curves`` and declines users with no feasible limit (:func:`oracle_policy_limits`).
 
-    Returned keys (``oracle_*`` are the same quantities for the oracle policy):
+    Returns every :func:`judge_limits` key, plus:
 
-    - ``mean_true_risk``: mean of ``p_u``.
-    - ``violation_rate``: share of users with ``p_u > r_max_u``. The oracle is 0 unless some
-      user's true risk exceeds the ceiling even at the smallest grid limit (the fallback).
-    - ``mean_excess_risk``: mean of ``max(0, p_u - r_max_u)``.
-    - ``approval_rate``: share of users granted more than the smallest grid limit.
-    - ``total_granted``, ``mean_granted``: sum / mean of ``L_u``.
-    - ``granted_ratio``: ``total_granted / oracle_total_granted`` (< 1: too cautious,
-      > 1: grants beyond what the true curves allow).
+    - ``violation_rate`` / ``oracle_violation_rate``: aliases of ``over_ceiling_rate`` (share
+      of GRANTED users whose true risk at their limit exceeds ``r_max``), kept for reports.
     - ``mean_abs_limit_gap``: mean ``|L_u - L_u^oracle|``; ``exact_match_rate``: share of users
       whose decided limit equals the oracle's.
-    - ``value_mean`` / ``value_total``: policy value, assuming the granted limit is drawn in full,
-      ``V_u = margin * L_u * (1 - p_u) - lgd * L_u * p_u`` (``margin``: revenue per unit of limit
-      repaid; ``lgd``: loss given default per unit of limit). Defaults ``margin=0.05, lgd=0.5``.
     - ``regret_mean``: ``oracle_value_mean - value_mean``. The oracle maximises the limit under
       the ceiling, not the value, so regret can be negative.
     """
@@ -132,82 +229,18 @@ def policy_metrics(
     if pred_curves.shape != true_curves.shape:
         raise ValueError(f"pred {pred_curves.shape} and true {true_curves.shape} differ in shape")
     n = pred_curves.shape[0]
-    r = broadcast_per_user(r_max, n, "r_max")
-    rows = np.arange(n)
-
-    def judge(curves: np.ndarray) -> dict[str, float]:
-        limits, idx = largest_feasible_limit(curves, grid, r, cap, contiguous=contiguous)
-        p = true_curves[rows, idx]
-        value = margin * limits * (1.0 - p) - lgd * limits * p
-        return {
-            "mean_true_risk": float(p.mean()),
-            "violation_rate": float((p > r).mean()),
-            "mean_excess_risk": float(np.maximum(p - r, 0.0).mean()),
-            "approval_rate": float((idx > 0).mean()),
-            "total_granted": float(limits.sum()),
-            "mean_granted": float(limits.mean()),
-            "value_total": float(value.sum()),
-            "value_mean": float(value.mean()),
-            "_limits": limits,
-        }
-
     if n == 0:
         raise ValueError("policy_metrics needs at least one user")
-    est = judge(pred_curves)
-    ora = judge(true_curves)
-    est_limits, ora_limits = est.pop("_limits"), ora.pop("_limits")
-    out: dict[str, float] = {"n_users": float(n), **est}
-    out.update({f"oracle_{k}": v for k, v in ora.items()})
-    tot = ora["total_granted"]
-    out["granted_ratio"] = est["total_granted"] / tot if tot > 0 else float("nan")
-    out["mean_abs_limit_gap"] = float(np.abs(est_limits - ora_limits).mean())
-    out["exact_match_rate"] = float((est_limits == ora_limits).mean())
-    out["regret_mean"] = ora["value_mean"] - est["value_mean"]
+    r = broadcast_per_user(r_max, n, "r_max")
+    limits, _ = largest_feasible_limit(pred_curves, grid, r, cap, contiguous=contiguous)
+    ora = oracle_policy_limits(true_curves, grid, r, cap=cap, contiguous=contiguous)
+    out = judge_limits(limits, true_curves, grid, r, oracle_limits=ora, margin=margin, lgd=lgd)
+    out["violation_rate"] = out["over_ceiling_rate"]
+    out["oracle_violation_rate"] = out["oracle_over_ceiling_rate"]
+    out["mean_abs_limit_gap"] = float(np.abs(limits - ora).mean())
+    out["exact_match_rate"] = float((limits == ora).mean())
+    out["regret_mean"] = out["oracle_value_mean"] - out["value_mean"]
     return out
-
-
-def _labeled(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    y = np.asarray(y, dtype=np.float64).ravel()
-    p = np.asarray(p, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"y {y.shape} and p {p.shape} differ in shape")
-    keep = np.isfinite(y)
-    y, p = y[keep], p[keep]
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError("labels must be 0/1 (NaN = unlabeled is dropped)")
-    if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
-        raise ValueError("predicted probabilities must be finite and in [0, 1]")
-    return y, p, int((~keep).sum())
-
-
-def calibration_table(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray]:
-    """Reliability table on equal-mass bins of the predicted probability.
-
-    Users are sorted by ``p`` and split into ``n_bins`` groups of (nearly) equal size; empty
-    groups (fewer users than bins) are dropped. Unlabeled rows (``y`` NaN) are ignored.
-    Returns arrays ``p_lo``, ``p_hi`` (range of ``p`` in the bin), ``mean_pred``, ``obs_rate``
-    and ``count``, one entry per bin (JSON-able via ``write_json``; ``pd.DataFrame(table)``
-    gives a table).
-    """
-    y, p, _ = _labeled(y, p)
-    order = np.argsort(p, kind="stable")
-    parts = [b for b in np.array_split(order, max(1, int(n_bins))) if b.size]
-    return {
-        "p_lo": np.array([p[b].min() for b in parts]),
-        "p_hi": np.array([p[b].max() for b in parts]),
-        "mean_pred": np.array([p[b].mean() for b in parts]),
-        "obs_rate": np.array([y[b].mean() for b in parts]),
-        "count": np.array([b.size for b in parts], dtype=np.int64),
-    }
-
-
-def expected_calibration_error(table: dict[str, np.ndarray]) -> float:
-    """ECE of a calibration table: count-weighted mean of ``|mean_pred - obs_rate|``."""
-    count = np.asarray(table["count"], dtype=np.float64)
-    if count.sum() == 0:
-        return float("nan")
-    gap = np.abs(np.asarray(table["mean_pred"]) - np.asarray(table["obs_rate"]))
-    return float((count * gap).sum() / count.sum())
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict:
@@ -221,7 +254,7 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> di
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    y, p, n_unlabeled = _labeled(y, p)
+    y, p, n_unlabeled = labeled_pairs(y, p)
     table = calibration_table(y, p, n_bins)
     both = y.size > 0 and 0 < y.sum() < y.size
     pc = np.clip(p, 1e-12, 1 - 1e-12)
@@ -322,3 +355,18 @@ def evaluate_curves(
     if y is not None:
         row.update(classification_metrics(y, factual, n_bins))
     return row
+
+
+def check_guarantee(
+    result, true_curves: np.ndarray, grid: np.ndarray, limits: np.ndarray | None = None
+) -> dict[str, float]:
+    """Simulated data only: :func:`judge_limits` of a certified policy
+    (:class:`~creditgraph.policy.guarantee.GuaranteeResult`; ``limits`` default its calibration
+    users'), plus ``portfolio_ok`` (the rate is ``<= r_max``) and ``alpha_ok`` (the over-ceiling
+    share among granted is ``<= alpha``)."""
+    limits = result.limits if limits is None else limits
+    out = judge_limits(limits, true_curves, grid, result.r_max)
+    rate = out["portfolio_default_rate"]
+    out["portfolio_ok"] = float(not rate > result.r_max)  # NaN (nobody granted) is fine
+    out["alpha_ok"] = float(out["over_ceiling_rate"] <= result.config.alpha)
+    return out

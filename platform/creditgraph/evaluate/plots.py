@@ -51,7 +51,7 @@ def sample_users_by_segment(
 
 def plot_curves(
     grid: np.ndarray,
-    true_curves: np.ndarray,
+    true_curves: np.ndarray | None,
     est_curves: Mapping[str, np.ndarray],
     users_by_segment: Mapping[str, Sequence[int]],
     path: str | Path,
@@ -62,8 +62,8 @@ def plot_curves(
     title: str = "True vs estimated risk curves p(default | do(limit))",
 ) -> Path:
     """Small multiples: one row per segment, one panel per sampled user (row index into the
-    curve arrays), the true curve in black and each estimator in its own colour; a dashed line
-    at the ceiling ``r_max`` when given."""
+    curve arrays), the true curve in black (when known) and each estimator in its own colour; a
+    dashed line at the ceiling ``r_max`` when given."""
     grid = check_grid(grid)
     segs = [s for s, rows in users_by_segment.items() if len(rows)]
     if not segs:
@@ -80,7 +80,8 @@ def plot_curves(
                 ax.set_visible(False)
                 continue
             u = rows[c]
-            ax.plot(grid, true_curves[u], **TRUE_STYLE)
+            if true_curves is not None:
+                ax.plot(grid, true_curves[u], **TRUE_STYLE)
             for name, curves in est_curves.items():
                 ax.plot(grid, curves[u], color=colors[name], linewidth=1.4, label=name)
             if r_max is not None:

@@ -22,10 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from creditgraph.layout import RunLayout, as_layout
 from creditgraph.utils.io import read_json
-
-GRAPH_DIR = "graph"
-PRETRAIN_DIR = "pretrain"
 
 
 @dataclass
@@ -61,17 +59,17 @@ class GraphArtifacts:
         return (self.users["split"] == split).to_numpy()
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> GraphArtifacts:
-        root = Path(run_dir) / GRAPH_DIR
-        if not (root / "manifest.json").exists():
-            raise FileNotFoundError(f"no built graph at {root}; run `creditgraph build` first")
-        feats = np.load(root / "features.npz")
-        edges = np.load(root / "uu_edges.npz")
+    def load(cls, run: RunLayout | str | Path) -> GraphArtifacts:
+        files = as_layout(run).graph
+        if not files.exists():
+            raise FileNotFoundError(f"no built graph at {files.dir}; run `creditgraph build` first")
+        feats = np.load(files.features)
+        edges = np.load(files.edges)
         return cls(
-            root=root,
-            manifest=read_json(root / "manifest.json"),
-            users=pd.read_parquet(root / "users.parquet"),
-            feature_stats=read_json(root / "feature_stats.json"),
+            root=files.dir,
+            manifest=read_json(files.manifest),
+            users=pd.read_parquet(files.users),
+            feature_stats=read_json(files.feature_stats),
             raw=feats["raw"],
             z=feats["z"],
             omega=feats["omega"],

@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 
 from creditgraph.data.load import Dataset, load_dataset
-from creditgraph.graph.artifacts import GRAPH_DIR
 from creditgraph.graph.config import GraphConfig
+from creditgraph.graph.entities import new_salt
 from creditgraph.graph.features import FeatureStandardizer
 from creditgraph.graph.temporal import structural_features, temporal_user_edges
+from creditgraph.layout import GraphFiles, RunLayout, as_layout
 from creditgraph.utils.io import atomic_dir, fingerprint, path_signature, write_json
 from creditgraph.utils.logs import get_logger
 
@@ -32,13 +33,29 @@ def assign_split(ids: np.ndarray, cfg: GraphConfig) -> np.ndarray:
     )
 
 
+def limit_scale(limits: np.ndarray) -> dict:
+    """The training limits' scale, stored with the run: ``policy`` derives the default decision
+    grid (up to the 99th percentile) and the cluster caps (multiples of the median) from it."""
+    limits = np.asarray(limits, dtype=np.float64)
+    pos = limits[limits > 0]
+    if pos.size == 0:
+        return {"median_positive": None, "q99_positive": None, "zero_share": 1.0}
+    return {
+        "median_positive": float(np.median(pos)),
+        "q99_positive": float(np.quantile(pos, 0.99)),
+        "zero_share": float((limits == 0).mean()),
+    }
+
+
 def input_fingerprint(data_dir: str | Path, cfg: GraphConfig) -> str:
     """Identity of a build: the dataset files (names, sizes, mtimes) and the graph config."""
     return fingerprint(path_signature(data_dir), cfg.model_dump())
 
 
-def build_graph(data_dir: str | Path, run_dir: str | Path, cfg: GraphConfig | None = None) -> dict:
-    """Validate ``data_dir`` and write ``run_dir/graph`` atomically; return a summary."""
+def build_graph(
+    data_dir: str | Path, run: RunLayout | str | Path, cfg: GraphConfig | None = None
+) -> dict:
+    """Validate ``data_dir`` and write ``RUN/graph`` atomically; return a summary."""
     cfg = cfg or GraphConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -62,7 +79,7 @@ def build_graph(data_dir: str | Path, run_dir: str | Path, cfg: GraphConfig | No
     t3 = time.perf_counter()
     summary = _write(
         ds,
-        run_dir,
+        as_layout(run),
         cfg,
         split,
         raw,
@@ -88,7 +105,7 @@ def build_graph(data_dir: str | Path, run_dir: str | Path, cfg: GraphConfig | No
 
 def _write(
     ds: Dataset,
-    run_dir: str | Path,
+    run: RunLayout,
     cfg: GraphConfig,
     split: np.ndarray,
     raw: np.ndarray,
@@ -104,7 +121,7 @@ def _write(
         {
             "node": np.arange(ds.n_users, dtype=np.int64),
             ds.spec.id: ds.ids,
-            "as_of": ds.users["as_of"].to_numpy(),
+            "as_of": ds.as_of,
             "t_days": ds.t_days,
             "treatment": ds.treatment,
             "outcome": ds.outcome,
@@ -125,24 +142,26 @@ def _write(
         "labeled": {s: int(((split == s) & np.isfinite(ds.outcome)).sum()) for s in SPLITS},
         "dataset_stats": ds.stats,
         "edges": edges.stats,
+        "entity_types": edges.stats.get("entity_types", []),
+        "limits": limit_scale(ds.treatment[split == "train"]),
         "timings_s": timings,
     }
-    with atomic_dir(Path(run_dir) / GRAPH_DIR) as tmp:
-        users.to_parquet(tmp / "users.parquet", index=False)
+    with atomic_dir(run.graph.dir) as tmp_dir:
+        tmp = GraphFiles(tmp_dir)
+        users.to_parquet(tmp.users, index=False)
+        np.savez(tmp.features, raw=raw.astype(np.float32), z=z, omega=omega, struct=structure[0])
         np.savez(
-            tmp / "features.npz", raw=raw.astype(np.float32), z=z, omega=omega, struct=structure[0]
-        )
-        np.savez(
-            tmp / "uu_edges.npz",
+            tmp.edges,
             src=edges.src,
             dst=edges.dst,
             weight=edges.weight,
             etypes=edges.etypes,
         )
-        write_json(tmp / "feature_stats.json", std.to_records())
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp.feature_stats, std.to_records())
+        new_salt(tmp.salt)
+        write_json(tmp.manifest, manifest)
     return {
-        "run": str(run_dir),
+        "run": str(run.root),
         "users": ds.n_users,
         "features": len(ds.feature_names),
         "edges": edges.stats["edges"],

@@ -20,16 +20,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pymetis
+import ray
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from creditgraph.graph.artifacts import GraphArtifacts
 from creditgraph.graph.config import PartitionConfig
+from creditgraph.layout import RunLayout, ShardFiles, as_layout
 from creditgraph.utils.io import atomic_dir, read_json, write_json
 from creditgraph.utils.logs import get_logger
+from creditgraph.utils.runtime import require_ray
 
 log = get_logger(__name__)
 
-SHARD_DIR = "shards"
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 
@@ -39,7 +43,6 @@ def metis_parts(
     """METIS k-way partition of the symmetrized user graph (edge weights favour strong ties)."""
     if k <= 1 or n <= k:
         return np.zeros(n, dtype=np.int64) if k <= 1 else np.arange(n) % k
-    import pymetis
 
     w = np.maximum(1, np.round(weight * 10)).astype(np.int64)
     a = sp.coo_matrix((np.r_[w, w], (np.r_[src, dst], np.r_[dst, src])), shape=(n, n)).tocsr()
@@ -120,17 +123,13 @@ def _write_shard(path: str, nodes: np.ndarray, hop: np.ndarray, hops: int, g: di
     return {"owned": n_owned, "shadow": len(nodes) - n_owned, "edges": len(e)}
 
 
-def partition_graph(run_dir: str | Path, cfg: PartitionConfig | None = None) -> dict:
+def partition_graph(run: RunLayout | str | Path, cfg: PartitionConfig | None = None) -> dict:
     """Partition ``RUN/graph`` and write ``RUN/shards`` (files + manifest.json) with Ray tasks."""
-    import ray
-    from tqdm.auto import tqdm
-
-    from creditgraph.utils.runtime import init_ray
-
     cfg = cfg or PartitionConfig()
-    init_ray()
+    run = as_layout(run)
+    require_ray("partitioning")
     t0 = time.perf_counter()
-    art = GraphArtifacts.load(run_dir)
+    art = GraphArtifacts.load(run)
     n = art.n_users
     k = cfg.parts_for(n)
     parts = metis_parts(n, art.src, art.dst, art.weight, k, cfg.seed)
@@ -153,13 +152,13 @@ def partition_graph(run_dir: str | Path, cfg: PartitionConfig | None = None) -> 
     }
     g_ref = ray.put(shared)
     writer = ray.remote(num_cpus=0.5)(_write_shard)
-    out_dir = Path(run_dir) / SHARD_DIR
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(run.shards.dir) as tmp_dir:
+        tmp = ShardFiles(tmp_dir)
         futures, names = [], []
         for p, nodes, hop in shard_members(n, art.src, art.dst, parts, k, cfg.hops):
-            name = f"shard_{p:05d}.npz"
-            futures.append(writer.remote(str(tmp / name), nodes, hop, cfg.hops, g_ref))
-            names.append(name)
+            path = tmp.shard(p)
+            futures.append(writer.remote(str(path), nodes, hop, cfg.hops, g_ref))
+            names.append(path.name)
         stats = []
         with tqdm(total=len(futures), desc="write shards", disable=len(futures) < 8) as bar:
             pending = list(futures)
@@ -181,8 +180,8 @@ def partition_graph(run_dir: str | Path, cfg: PartitionConfig | None = None) -> 
             "balance": float(owned.max() / owned.mean()) if len(owned) else 1.0,
             "timings_s": {"metis": t_metis, "total": time.perf_counter() - t0},
         }
-        np.save(tmp / "membership.npy", parts)
-        write_json(tmp / "manifest.json", manifest)
+        np.save(tmp.membership, parts)
+        write_json(tmp.manifest, manifest)
     log.info(
         "partition: %d parts, edge cut %.3f, shadow ratio %.2f, balance %.2f",
         k,
@@ -199,6 +198,7 @@ def load_shard(path: str | Path) -> dict[str, np.ndarray]:
         return {key: f[key] for key in f.files}
 
 
-def shard_paths(run_dir: str | Path) -> list[Path]:
-    d = Path(run_dir) / SHARD_DIR
-    return [d / p["file"] for p in read_json(d / "manifest.json")["parts"]]
+def shard_paths(run: RunLayout | str | Path) -> list[Path]:
+    """The shard files of a partitioned run, in part order."""
+    files = as_layout(run).shards
+    return [files.dir / p["file"] for p in read_json(files.manifest)["parts"]]

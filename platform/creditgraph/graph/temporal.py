@@ -11,6 +11,13 @@ An edge ``v -> u`` (information flows from v to u) exists when, for some entity 
 The edge weight is the sum of the entity-type weights over the distinct entities shared in that
 window; ``etypes`` is a bitmask of the entity types involved. Everything is vectorized: sightings
 are sorted by (entity, time) and each query (u, e) is answered by two binary searches.
+
+This user-user graph is the two-hop view user -> entity -> user of the time-directed user-entity
+graph: a weighted mean over in-neighbours v with weights ``w_uv = sum of w_e over shared e`` equals
+the weighted mean over (entity, co-user) pairs, ``sum_e w_e * sum_{v in N_e} x_v / sum_e w_e |N_e|``.
+That identity is what lets an applicant the model has never seen be scored from the stored
+per-entity sums of its entities alone (:mod:`creditgraph.graph.entities`), and why the structural
+features count (entity, co-user) pairs (:func:`structural_features`), which per-entity counts give.
 """
 
 from __future__ import annotations
@@ -25,10 +32,14 @@ from creditgraph.data.spec import EntityType
 
 @dataclass
 class TemporalEdges:
+    """Directed user-user edges; ``pairs[u, t]``: (entity, co-user) pairs of type t reaching u."""
+
     src: np.ndarray
     dst: np.ndarray
     weight: np.ndarray
     etypes: np.ndarray
+    pairs: np.ndarray | None = None
+    type_weights: np.ndarray | None = None
     stats: dict = field(default_factory=dict)
 
 
@@ -41,10 +52,13 @@ def temporal_user_edges(
     as_of: np.ndarray,
     entities: dict[str, EntityType],
     history_days: float,
+    type_names: list[str] | None = None,
 ) -> TemporalEdges:
     """Build directed, time-respecting user-user edges from validated links.
 
     ``links`` has ``user_idx, entity_type, entity_id, ts_days``; ``as_of`` is float days per user.
+    ``type_names`` fixes the entity types (and so the structural feature columns; a trained run
+    passes its own); default: the declared types and those present, sorted.
     """
     n_users = len(as_of)
     empty = TemporalEdges(
@@ -54,10 +68,19 @@ def temporal_user_edges(
         np.zeros(0, np.uint16),
     )
     if links is None or len(links) == 0:
-        empty.stats = {"sightings": 0, "edges": 0}
+        types = sorted(entities) if type_names is None else list(type_names)
+        empty.pairs = np.zeros((n_users, len(types)), np.float32)
+        empty.type_weights = np.array(
+            [entities.get(t, EntityType()).weight for t in types], np.float32
+        )
+        empty.stats = {"sightings": 0, "edges": 0, "entity_types": types}
         return empty
 
-    type_names = sorted(set(links["entity_type"].unique()))
+    present = set(links["entity_type"].unique())
+    if type_names is None:
+        type_names = sorted(present | set(entities))
+    elif present - set(type_names):
+        raise ValueError(f"entity types {sorted(present - set(type_names))} unknown to this graph")
     type_code = {t: i for i, t in enumerate(type_names)}
     spec = {t: entities.get(t, EntityType()) for t in type_names}
     w_of_type = np.array([spec[t].weight for t in type_names], dtype=np.float64)
@@ -128,6 +151,10 @@ def temporal_user_edges(
     pair, e = pair[o], e[o]
     distinct = np.r_[True, (pair[1:] != pair[:-1]) | (e[1:] != e[:-1])][: len(pair)]
     pair, e = pair[distinct], e[distinct]
+    n_types = len(type_names)
+    pairs = np.bincount(
+        (pair % n_users) * n_types + ent_type[e], minlength=n_users * n_types
+    ).reshape(n_users, n_types)
     upair, start = np.unique(pair, return_index=True)
     inv = np.repeat(np.arange(len(upair)), np.diff(np.r_[start, len(pair)]))
     weight = np.bincount(inv, weights=w_of_type[ent_type[e]], minlength=len(upair))
@@ -139,6 +166,8 @@ def temporal_user_edges(
         dst=(upair % n_users).astype(np.int64),
         weight=weight.astype(np.float32),
         etypes=etypes.astype(np.uint16),
+        pairs=pairs.astype(np.float32),
+        type_weights=w_of_type.astype(np.float32),
     )
     out.stats = {
         "entity_types": type_names,
@@ -157,19 +186,32 @@ def temporal_user_edges(
 
 
 def structural_features(edges: TemporalEdges, n_users: int) -> tuple[np.ndarray, list[str]]:
-    """Per-user in-degree features from the directed (past-only) edges, full graph.
+    """Per-user counts of the (entity, co-user) pairs that reach the user, past-only.
 
-    ``log1p`` of the in-degree, of the weighted in-degree and of the in-degree per entity type.
-    Only incoming edges are used: out-edges point to later users and would leak the future.
+    ``log1p`` of the number of pairs, of their total entity-type weight (= the weighted in-degree
+    of the user-user view) and of the pairs per entity type. Pairs, not distinct neighbours: a
+    per-entity count of co-users is all an online applicant's stored entities give, so batch and
+    online compute the same numbers. Only incoming information is used: out-edges point to later
+    users and would leak the future.
     """
     types = edges.stats.get("entity_types", [])
-    cols = [
-        np.bincount(edges.dst, minlength=n_users),
-        np.bincount(edges.dst, weights=edges.weight, minlength=n_users),
-    ]
-    cols += [
-        np.bincount(edges.dst, weights=(edges.etypes >> i) & 1, minlength=n_users)
-        for i in range(len(types))
-    ]
-    names = ["in_degree", "in_weight"] + [f"in_degree_{t}" for t in types]
-    return np.log1p(np.stack(cols, axis=1)).astype(np.float32), names
+    pairs = np.zeros((n_users, len(types)), np.float64) if edges.pairs is None else edges.pairs
+    return struct_from_pairs(np.asarray(pairs, np.float64), edges.type_weights), struct_names(types)
+
+
+def struct_names(types: list[str]) -> list[str]:
+    """Names of the structural features for these entity types."""
+    return ["shared_pairs", "shared_weight"] + [f"shared_pairs_{t}" for t in types]
+
+
+def struct_from_pairs(pairs: np.ndarray, type_weights: np.ndarray | None) -> np.ndarray:
+    """The structural features from pair counts per entity type ``[n, T]`` (one formula, used in
+    batch and for applicants)."""
+    pairs = np.asarray(pairs, dtype=np.float64)
+    w = np.ones(pairs.shape[1]) if type_weights is None else np.asarray(type_weights, np.float64)
+    cols = (
+        np.column_stack([pairs.sum(1), pairs @ w, pairs])
+        if pairs.shape[1]
+        else np.zeros((pairs.shape[0], 2))
+    )
+    return np.log1p(cols).astype(np.float32)

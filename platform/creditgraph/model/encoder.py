@@ -28,6 +28,13 @@ class FeatureNodes(nn.Module):
         self.use_alpha = use_alpha
         self.use_dag = use_dag
         self.alpha_proj = nn.Linear(1, hidden) if use_alpha else None
+        if self.alpha_proj is not None:
+            # zero at the start: the model begins as the no-alpha model and uses alpha only where
+            # it helps. The default init (weights and bias ~U(-1, 1)) added a vector shared by all
+            # features ten times larger than their 0.1-scale embeddings, which made the features
+            # look alike to the attention and cost MISE (docs/model.md).
+            nn.init.zeros_(self.alpha_proj.weight)
+            nn.init.zeros_(self.alpha_proj.bias)
         self.dag_msg = nn.Linear(hidden, hidden) if use_dag else None
         self.register_buffer("alpha", torch.zeros(n_features))
         self.register_buffer("dag", torch.zeros(2, 0, dtype=torch.long))

@@ -47,10 +47,18 @@ class InterferenceModule(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Hop ``k+1`` tokens of every target from hop-``k`` tokens of its in-neighbours."""
         cs, wdeg = weighted_mean(torch.cat([c, s], dim=-1), edge_index, edge_weight, n)
-        deg = torch.log1p(wdeg).unsqueeze(-1)
         c_agg, s_agg = cs.split(c.shape[-1], dim=-1)
-        c_next = self.act(self.ctx_hop[k](torch.cat([c_agg, deg], dim=-1)))
-        s_next = self.act(self.int_hop[k](torch.cat([s_agg, deg], dim=-1)))
+        return self.hop_from_mean(k, c_agg, s_agg, wdeg)
+
+    def hop_from_mean(
+        self, k: int, c_mean: Tensor, s_mean: Tensor, wdeg: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Hop ``k+1`` tokens from the weighted means of the in-neighbours' hop-``k`` tokens and
+        the total incoming weight (zeros for a user without neighbours). An applicant's means
+        come from its entities' stored sums: the last layer of seed 001's two-stage inference."""
+        deg = torch.log1p(wdeg).unsqueeze(-1)
+        c_next = self.act(self.ctx_hop[k](torch.cat([c_mean, deg], dim=-1)))
+        s_next = self.act(self.int_hop[k](torch.cat([s_mean, deg], dim=-1)))
         return c_next, s_next
 
     def hop_states(

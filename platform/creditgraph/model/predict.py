@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from creditgraph.layout import ModelFiles
 from creditgraph.model.batch import GraphBatch
 from creditgraph.model.net import CreditGraphNet
 
-DSL_FILE = "dsl_stats.npz"
 QUANTILES = np.linspace(0.0, 1.0, 201)
 
 
@@ -54,9 +54,9 @@ class DSLStats:
             np.asarray(unc_grid),
         )
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path | ModelFiles) -> None:
         np.savez(
-            Path(folder) / DSL_FILE,
+            _files(folder).dsl_stats,
             mean=self.mean,
             inv_cov=self.inv_cov,
             dist_q=self.dist_q,
@@ -65,8 +65,8 @@ class DSLStats:
         )
 
     @classmethod
-    def load(cls, folder: str | Path) -> DSLStats | None:
-        path = Path(folder) / DSL_FILE
+    def load(cls, folder: str | Path | ModelFiles) -> DSLStats | None:
+        path = _files(folder).dsl_stats
         if not path.exists():
             return None
         with np.load(path) as f:
@@ -84,6 +84,10 @@ class DSLStats:
             "dsl_uncertainty": unc,
             "dsl_score": (completeness + ood + unc) / 3.0,
         }
+
+
+def _files(folder: str | Path | ModelFiles) -> ModelFiles:
+    return folder if isinstance(folder, ModelFiles) else ModelFiles(Path(folder))
 
 
 def _mahalanobis(x: np.ndarray, mean: np.ndarray, inv: np.ndarray) -> np.ndarray:

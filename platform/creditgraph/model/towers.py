@@ -161,10 +161,24 @@ class OutcomeTower(nn.Module):
 
     def params(self, x: Tensor) -> Tensor:
         """Per-user curve parameters ``[n, n_basis + 2 (+1 shift)]``."""
-        c = self.head(self.act(self.trunk(x)))
+        return self._shape(self.head(self.act(self.trunk(x))))
+
+    def thinned_params(self, x: Tensor, masks: Tensor) -> Tensor:
+        """Parameters under ``K`` fixed dropout masks of the trunk's hidden layer: ``[K, n, P]``.
+
+        ``masks`` is ``[K, 2 * hidden]`` (already scaled by ``1 / (1 - p)``). The same K thinned
+        towers for every user make MC-dropout deterministic and independent of how users are
+        batched, so a user's uncertainty is the same online and in batch.
+        """
+        first, act, _, second = self.trunk
+        hidden = act(first(x))  # [n, 2h]
+        thinned = hidden.unsqueeze(0) * masks.unsqueeze(1)  # [K, n, 2h]
+        return self._shape(self.head(self.act(second(thinned))))
+
+    def _shape(self, c: Tensor) -> Tensor:
         if self.monotone:
             c = torch.cat(
-                [c[:, :1], F.softplus(c[:, 1 : self.n_coef]), c[:, self.n_coef :]], dim=-1
+                [c[..., :1], F.softplus(c[..., 1 : self.n_coef]), c[..., self.n_coef :]], dim=-1
             )
         return c
 

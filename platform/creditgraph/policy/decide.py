@@ -21,6 +21,20 @@ batch scoring and serving all call :func:`largest_feasible_limit`. On top of it,
    ``d_i + (cap - D) * d_i / D``: their own limit is unchanged, and the per-user caps add up to
    the cluster's cap, so online re-decisions within them can never push the cluster over it.
 
+Two more steps run when their inputs are given (batch scoring and the service always give them):
+
+* **Guaranteed bound.** With ``bound`` (the certified upper bound of each curve, see
+  ``policy/guarantee.py``) feasibility is judged on the bound instead of the estimate; the
+  estimate is still what ``p_default_at_limit`` reports, next to ``p_upper_at_limit``.
+* **Stability** (after the guardrail, before the cluster cap): with ``current`` limits, a user not
+  hit by a rule keeps at least ``(1 - max_cut)`` of its current limit (the smallest grid limit at
+  or above it, never above the current one) unless the risk bound there exceeds
+  ``hard_ceiling``.
+* **Exploration** (last): users whose draw ``u < share`` get their limit times a factor drawn
+  log-uniformly from ``[low, high]``, snapped down to the grid and kept where the risk bound is
+  at most ``max_risk``; the factor is reported (``explore_factor``) for later off-policy
+  evaluation.
+
 The per-user cap (``user_cap``, ``inf`` = none) is part of the batch output: the online path,
 which decides one user at a time, passes it to :func:`online_decision` and gets exactly the
 batch's decision for the same curve. A batch decided in chunks on several workers uses
@@ -47,7 +61,16 @@ import pandas as pd
 
 from creditgraph.policy.config import ClusterConfig, PolicyConfig
 
-BINDINGS = ("risk_ceiling", "grid_max", "no_feasible_limit", "dsl", "guardrail", "cluster_cap")
+BINDINGS = (
+    "risk_ceiling",
+    "grid_max",
+    "no_feasible_limit",
+    "dsl",
+    "guardrail",
+    "cluster_cap",
+    "stability",
+    "exploration",
+)
 _CODE = {name: np.int8(i) for i, name in enumerate(BINDINGS)}
 
 
@@ -69,6 +92,46 @@ def broadcast_per_user(value: float | np.ndarray, n: int, name: str) -> np.ndarr
     if arr.shape != (n,):
         raise ValueError(f"{name} must be a scalar or have shape ({n},), got {arr.shape}")
     return arr
+
+
+def _curves(arr: np.ndarray, grid: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != grid.size:
+        raise ValueError(f"{name} must have shape (n, {grid.size}), got {arr.shape}")
+    return arr
+
+
+def curve_at(curves: np.ndarray, grid: np.ndarray, at: float | np.ndarray) -> np.ndarray:
+    """Read each user's curve at arbitrary limits by linear interpolation over the grid.
+
+    ``at`` is a scalar (same limit for everyone), ``float[n]`` (one limit per user, e.g. the
+    observed limit: this is the factual prediction) or ``float[n, k]`` (k limits per user).
+    Limits outside ``[grid[0], grid[-1]]`` take the value at the nearest end. The result has the
+    shape of ``at`` broadcast to ``[n]`` / ``[n, k]``.
+    """
+    grid = check_grid(grid)
+    curves = _curves(curves, grid, "curves")
+    n = curves.shape[0]
+    at = np.asarray(at, dtype=np.float64)
+    squeeze = at.ndim < 2
+    if at.ndim == 0:
+        at2 = np.full((n, 1), float(at))
+    elif at.ndim == 1 and at.shape == (n,):
+        at2 = at[:, None]
+    elif at.ndim == 2 and at.shape[0] == n:
+        at2 = at
+    else:
+        raise ValueError(f"at must be a scalar, ({n},) or ({n}, k), got {at.shape}")
+    if grid.size == 1:
+        out = np.repeat(curves, at2.shape[1], axis=1)
+        return out[:, 0] if squeeze else out
+    # Interval index i with grid[i] <= at < grid[i+1], clamped to the first/last interval.
+    i = np.clip(np.searchsorted(grid, at2, side="right") - 1, 0, grid.size - 2)
+    lo, hi = grid[i], grid[i + 1]
+    w = np.clip((at2 - lo) / (hi - lo), 0.0, 1.0)
+    rows = np.arange(n)[:, None]
+    out = (1.0 - w) * curves[rows, i] + w * curves[rows, i + 1]
+    return out[:, 0] if squeeze else out
 
 
 def largest_feasible_limit(
@@ -160,6 +223,8 @@ class Decision:
     user_cap: float | None  # None: no cap
     r_max_effective: float
     risk_limit: float
+    p_upper_at_limit: float = float("nan")
+    explore_factor: float = float("nan")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -183,6 +248,9 @@ class DecisionTable:
     user_cap: np.ndarray
     r_max_effective: np.ndarray
     risk_limit: np.ndarray
+    p_upper_at_limit: np.ndarray | None = None
+    explore_factor: np.ndarray | None = None
+    demand: np.ndarray | None = None  # the limit before cluster caps and exploration
 
     def __len__(self) -> int:
         return len(self.limit)
@@ -210,6 +278,12 @@ class DecisionTable:
             user_cap=None if math.isinf(cap) else cap,
             r_max_effective=float(self.r_max_effective[i]),
             risk_limit=float(self.risk_limit[i]),
+            p_upper_at_limit=float(self.p_upper_at_limit[i])
+            if self.p_upper_at_limit is not None
+            else float("nan"),
+            explore_factor=float(self.explore_factor[i])
+            if self.explore_factor is not None
+            else float("nan"),
         )
 
     def to_frame(self, user_ids: np.ndarray | pd.Series | None = None) -> pd.DataFrame:
@@ -226,13 +300,18 @@ class DecisionTable:
             r_max_effective=self.r_max_effective,
             risk_limit=self.risk_limit,
         )
+        if self.p_upper_at_limit is not None:
+            cols["p_upper_at_limit"] = self.p_upper_at_limit
+        if self.explore_factor is not None:
+            cols["explore_factor"] = self.explore_factor
         return pd.DataFrame(cols)
 
 
 @dataclass
 class _RiskStage:
-    """Steps 1-3 (everything but the cluster cap); row-wise, so one user gives its batch row."""
+    """Steps 1-3 and stability (everything but the cluster cap and exploration); row-wise."""
 
+    feas: np.ndarray  # what feasibility is judged on: the bound, or the estimate
     r_eff: np.ndarray
     i_base: np.ndarray
     ok_base: np.ndarray
@@ -240,6 +319,7 @@ class _RiskStage:
     ok_eff: np.ndarray
     guard_cap: np.ndarray
     i_guard: np.ndarray
+    i_stable: np.ndarray
     dsl: np.ndarray
     rule: np.ndarray
 
@@ -279,6 +359,41 @@ def _rule_names(hits: Any, n: int) -> np.ndarray:
     return out
 
 
+def _optional(arr: Any, n: int, name: str) -> np.ndarray | None:
+    if arr is None:
+        return None
+    a = np.asarray(arr, dtype=np.float64)
+    if a.shape != (n,) and not (a.ndim == 2 and a.shape[0] == n):
+        raise ValueError(f"{name} must have {n} rows, got shape {a.shape}")
+    return a
+
+
+def _stable_index(
+    st_feas: np.ndarray,
+    grid: np.ndarray,
+    i_guard: np.ndarray,
+    rule: np.ndarray,
+    current: np.ndarray | None,
+    config: PolicyConfig,
+    r_max: np.ndarray,
+) -> np.ndarray:
+    """Stability: keep at least (1 - max_cut) of the current limit unless the bound is too high."""
+    sc = config.stability
+    if current is None or not sc.enabled:
+        return i_guard
+    floor = current * (1.0 - sc.max_cut)
+    # the smallest grid limit at or above the floor, never above the current limit
+    i_floor = np.searchsorted(grid, floor - 1e-9 * np.maximum(floor, 1.0), side="left")
+    i_cur = np.searchsorted(grid, current + 1e-9 * np.maximum(current, 1.0), side="right") - 1
+    i_floor = np.clip(np.minimum(i_floor, i_cur), 0, grid.size - 1)
+    risk = st_feas[np.arange(len(i_floor)), i_floor]
+    hard = 1.5 * r_max if sc.hard_ceiling is None else np.full(len(r_max), sc.hard_ceiling)
+    keep = (
+        (floor > 0) & (grid[i_floor] > grid[i_guard]) & (risk <= hard) & pd.isna(rule).astype(bool)
+    )
+    return np.where(keep, i_floor, i_guard)
+
+
 def _risk_stage(
     curves: np.ndarray,
     grid: np.ndarray,
@@ -286,8 +401,13 @@ def _risk_stage(
     dsl_score: float | np.ndarray | None,
     guardrail_hits: Any,
     config: PolicyConfig,
+    bound: np.ndarray | None = None,
+    current: np.ndarray | None = None,
 ) -> _RiskStage:
     n = curves.shape[0]
+    feas = curves if bound is None else np.asarray(bound, dtype=curves.dtype)
+    if feas.shape != curves.shape:
+        raise ValueError(f"bound must have the curves' shape {curves.shape}, got {feas.shape}")
     r = broadcast_per_user(r_max, n, "r_max")
     if not np.all((r > 0) & (r <= 1)):
         raise ValueError("r_max must be in (0, 1]")
@@ -296,24 +416,48 @@ def _risk_stage(
         raise ValueError("dsl_score must be in [0, 1] (no NaN)")
     r_eff = effective_ceiling(r, dsl, config.dsl.threshold, config.dsl.strength)
     contiguous = config.contiguous
-    i_base = _feasible_index(curves, grid, r, None, contiguous)
-    i_eff = _feasible_index(curves, grid, r_eff, None, contiguous)
+    i_base = _feasible_index(feas, grid, r, None, contiguous)
+    i_eff = _feasible_index(feas, grid, r_eff, None, contiguous)
     rule = _rule_names(guardrail_hits, n)
     guard_cap = np.full(n, np.inf)
     if config.guardrail.enabled:
         guard_cap[pd.notna(rule)] = config.guardrail.cap
-    i_guard = _capped(curves, grid, r_eff, guard_cap, i_eff, contiguous)
+    i_guard = _capped(feas, grid, r_eff, guard_cap, i_eff, contiguous)
+    cur = _optional(current, n, "current")
+    i_stable = _stable_index(feas, grid, i_guard, rule, cur, config, r)
     return _RiskStage(
+        feas=feas,
         r_eff=r_eff,
         i_base=i_base,
-        ok_base=_feasible_at(curves, i_base, r),
+        ok_base=_feasible_at(feas, i_base, r),
         i_eff=i_eff,
-        ok_eff=_feasible_at(curves, i_eff, r_eff),
+        ok_eff=_feasible_at(feas, i_eff, r_eff),
         guard_cap=guard_cap,
         i_guard=i_guard,
+        i_stable=i_stable,
         dsl=dsl,
         rule=rule,
     )
+
+
+def _explored(
+    st: _RiskStage, grid: np.ndarray, i_final: np.ndarray, draws: np.ndarray | None, config
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exploration: a share of granted users get a randomized multiple of their limit."""
+    ex = config.exploration
+    factor = np.full(len(i_final), np.nan)
+    if draws is None or ex.share <= 0:
+        return i_final, factor
+    u, v = draws[:, 0], draws[:, 1]
+    chosen = (u < ex.share) & (i_final > 0) & pd.isna(st.rule).astype(bool)
+    f = np.exp(np.log(ex.low) + v * (np.log(ex.high) - np.log(ex.low)))
+    target = grid[i_final] * f
+    i_target = np.clip(np.searchsorted(grid, target * (1 + 1e-12), side="right") - 1, 0, None)
+    safe = _feasible_index(st.feas, grid, np.full(len(i_final), ex.max_risk), None, False)
+    i_new = np.minimum(i_target, safe)
+    out = np.where(chosen, i_new, i_final)
+    factor[chosen] = f[chosen]
+    return out, factor
 
 
 def _final_stage(
@@ -323,20 +467,31 @@ def _final_stage(
     user_cap: np.ndarray,
     cluster_id: np.ndarray,
     config: PolicyConfig,
+    draws: np.ndarray | None = None,
 ) -> DecisionTable:
     cap = np.minimum(st.guard_cap, user_cap)
-    i_final = _capped(curves, grid, st.r_eff, cap, st.i_eff, config.contiguous)
-    # guardrail rows with no user cap: i_final == i_guard already (same cap, same rule)
+    i_capped = _capped(st.feas, grid, st.r_eff, cap, st.i_eff, config.contiguous)
+    # stability raises a limit the risk stage cut too far; the cluster cap still applies
+    i_cluster = np.where(
+        st.i_stable > st.i_guard,
+        np.minimum(st.i_stable, np.searchsorted(grid, user_cap * (1 + 1e-12), side="right") - 1),
+        i_capped,
+    )
+    i_cluster = np.clip(i_cluster, 0, grid.size - 1)
+    i_final, factor = _explored(st, grid, i_cluster, draws, config)
     code = np.full(len(i_final), _CODE["risk_ceiling"], dtype=np.int8)
     code[st.ok_base & (st.i_base == grid.size - 1)] = _CODE["grid_max"]
     code[~st.ok_base] = _CODE["no_feasible_limit"]
     code[(st.i_eff < st.i_base) | (st.ok_base & ~st.ok_eff)] = _CODE["dsl"]
     code[st.i_guard < st.i_eff] = _CODE["guardrail"]
-    code[i_final < st.i_guard] = _CODE["cluster_cap"]
+    code[(st.i_stable > st.i_guard) & (i_cluster == st.i_stable)] = _CODE["stability"]
+    code[i_cluster < np.maximum(st.i_guard, st.i_stable)] = _CODE["cluster_cap"]
+    code[np.isfinite(factor) & (i_final != i_cluster)] = _CODE["exploration"]
+    rows = np.arange(len(i_final))
     return DecisionTable(
         limit=grid[i_final],
         index=i_final,
-        p_default_at_limit=curves[np.arange(len(i_final)), i_final],
+        p_default_at_limit=curves[rows, i_final],
         binding_code=code,
         dsl_score=st.dsl,
         rule=st.rule,
@@ -344,6 +499,9 @@ def _final_stage(
         user_cap=user_cap,
         r_max_effective=st.r_eff,
         risk_limit=grid[st.i_eff],
+        p_upper_at_limit=st.feas[rows, i_final],
+        explore_factor=factor,
+        demand=grid[st.i_stable],
     )
 
 
@@ -383,7 +541,7 @@ def _as_inputs(
     curves: np.ndarray, grid: np.ndarray | None, config: PolicyConfig | None
 ) -> tuple[np.ndarray, np.ndarray, PolicyConfig]:
     config = config or PolicyConfig()
-    grid = check_grid(config.grid.values() if grid is None else grid)
+    grid = check_grid(config.grid_values() if grid is None else grid)
     curves = np.asarray(curves)
     if curves.dtype not in (np.float32, np.float64):  # float32 kept: no 2x copy at 1M users
         curves = curves.astype(np.float64)
@@ -401,6 +559,9 @@ def decide(
     cluster_id: np.ndarray | None = None,
     guardrail_hits: np.ndarray | list | None = None,
     config: PolicyConfig | None = None,
+    bound: np.ndarray | None = None,
+    current: np.ndarray | None = None,
+    draws: np.ndarray | None = None,
 ) -> DecisionTable:
     """Decide limits for ``n`` users at once (see the module docstring for the rules).
 
@@ -422,7 +583,14 @@ def decide(
         Name of the high-risk rule that matched the user (e.g.
         ``ConstrainedRuleSet.match(X)``), ``None``/NaN/"" when none did.
     config : PolicyConfig, optional
-        DSL rule, guardrail cap, cluster caps, ``contiguous``.
+        DSL rule, guardrail cap, cluster caps, ``contiguous``, stability, exploration.
+    bound : float[n, G], optional
+        The certified upper bound of each curve: feasibility is judged on it (the guarantee).
+    current : float[n], optional
+        Each user's current limit (stability: a rescoring never cuts more than ``max_cut``).
+    draws : float[n, 2] in [0, 1), optional
+        Per-user uniform draws for exploration (``u`` chooses, ``v`` sets the factor); keyed
+        hashes of the user, so online and batch agree. ``None``: no exploration.
     """
     curves, grid, config = _as_inputs(curves, grid, config)
     n = curves.shape[0]
@@ -431,10 +599,17 @@ def decide(
         raise ValueError(f"cluster_id must be integers of shape ({n},)")
     cid = cid.astype(np.int64)
     st = _risk_stage(
-        curves, grid, config.r_max if r_max is None else r_max, dsl_score, guardrail_hits, config
+        curves,
+        grid,
+        config.r_max if r_max is None else r_max,
+        dsl_score,
+        guardrail_hits,
+        config,
+        bound,
+        current,
     )
-    user_cap = allocate_cluster_caps(grid[st.i_guard], cid, config.clusters)
-    return _final_stage(curves, grid, st, user_cap, cid, config)
+    user_cap = allocate_cluster_caps(grid[st.i_stable], cid, config.clusters)
+    return _final_stage(curves, grid, st, user_cap, cid, config, _draws(draws, n))
 
 
 def decide_with_caps(
@@ -447,11 +622,14 @@ def decide_with_caps(
     cluster_id: np.ndarray | None = None,
     guardrail_hits: np.ndarray | list | None = None,
     config: PolicyConfig | None = None,
+    bound: np.ndarray | None = None,
+    current: np.ndarray | None = None,
+    draws: np.ndarray | None = None,
 ) -> DecisionTable:
     """Decisions with the per-user caps already allocated: the second pass of a distributed run.
 
     A batch spread over workers decides in two passes: (1) each chunk runs :func:`decide` without
-    ``cluster_id`` (its ``limit`` is each user's demand), (2) one place allocates
+    ``cluster_id`` (its ``demand`` is each user's demand), (2) one place allocates
     :func:`allocate_cluster_caps` over all users, (3) each chunk runs this function with its
     users' ``user_cap`` (``inf`` or NaN = none). The result equals :func:`decide` on all users at
     once, row for row; ``cluster_id`` is only reported.
@@ -468,9 +646,16 @@ def decide_with_caps(
     if cid.shape != (n,) or cid.dtype.kind not in "iu":
         raise ValueError(f"cluster_id must be integers of shape ({n},)")
     st = _risk_stage(
-        curves, grid, config.r_max if r_max is None else r_max, dsl_score, guardrail_hits, config
+        curves,
+        grid,
+        config.r_max if r_max is None else r_max,
+        dsl_score,
+        guardrail_hits,
+        config,
+        bound,
+        current,
     )
-    return _final_stage(curves, grid, st, cap, cid.astype(np.int64), config)
+    return _final_stage(curves, grid, st, cap, cid.astype(np.int64), config, _draws(draws, n))
 
 
 def online_decision(
@@ -483,6 +668,9 @@ def online_decision(
     *,
     cluster_id: int = -1,
     config: PolicyConfig | None = None,
+    bound: np.ndarray | None = None,
+    current: float | None = None,
+    draws: np.ndarray | None = None,
 ) -> Decision:
     """One user's decision, as :func:`decide` makes it, given the batch's per-user cap.
 
@@ -503,8 +691,39 @@ def online_decision(
         np.array([dsl_score], dtype=np.float64),
         [guardrail_rule],
         config,
+        None if bound is None else np.asarray(bound)[None, :],
+        None if current is None else np.array([current], dtype=np.float64),
     )
     table = _final_stage(
-        curves, grid, st, np.array([cap]), np.array([cluster_id], dtype=np.int64), config
+        curves,
+        grid,
+        st,
+        np.array([cap]),
+        np.array([cluster_id], dtype=np.int64),
+        config,
+        _draws(None if draws is None else np.asarray(draws)[None, :], 1),
     )
     return table.row(0)
+
+
+def _draws(draws: np.ndarray | None, n: int) -> np.ndarray | None:
+    if draws is None:
+        return None
+    d = np.asarray(draws, dtype=np.float64)
+    if d.shape != (n, 2) or not np.all((d >= 0) & (d < 1)):
+        raise ValueError(f"draws must be uniform values in [0, 1) of shape ({n}, 2)")
+    return d
+
+
+def exploration_draws(keys: np.ndarray, salt: str) -> np.ndarray:
+    """Two uniform draws per key (user id) from a keyed hash of ``salt`` and the key: the same
+    user gets the same draws wherever it is decided (batch or online) for the same ``salt``
+    (e.g. the decision date and the exploration seed)."""
+    import hashlib
+
+    out = np.empty((len(keys), 2))
+    for i, k in enumerate(keys):
+        h = hashlib.blake2b(f"{salt}\x1f{k}".encode(), digest_size=16).digest()
+        out[i, 0] = int.from_bytes(h[:8], "little") / 2**64
+        out[i, 1] = int.from_bytes(h[8:], "little") / 2**64
+    return out

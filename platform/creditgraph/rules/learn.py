@@ -18,7 +18,7 @@ from creditgraph.data.errors import DataValidationError
 from creditgraph.data.load import Dataset
 from creditgraph.rules.config import RulesConfig
 from creditgraph.rules.estimator import ConstrainedRuleSet, stratified_split
-from creditgraph.rules.export import write_exports
+from creditgraph.rules.export import pandas_query, sql_where, write_exports
 from creditgraph.rules.rule import RuleSet
 from creditgraph.utils.io import atomic_dir
 from creditgraph.utils.logs import get_logger
@@ -73,10 +73,10 @@ def dataset_features(ds: Dataset, include_treatment: bool = False) -> pd.DataFra
     """The columns rules are learned on and applied to, named as in ``dataset.yaml``: the
     dataset's features (NaN = missing) and, optionally, the historical limit under the
     treatment column's name. Use it to apply a learned rule set to a dataset's users."""
-    cols = {f: ds.users[f].to_numpy(dtype=np.float64) for f in ds.feature_names}
+    cols = {f: ds.features[f].to_numpy(dtype=np.float64) for f in ds.feature_names}
     if include_treatment:
-        cols[ds.spec.treatment] = ds.users["treatment"].to_numpy(dtype=np.float64)
-    return pd.DataFrame(cols, index=ds.users.index)
+        cols[ds.spec.treatment] = ds.treatment
+    return pd.DataFrame(cols, index=ds.features.index)
 
 
 def load_training_table(
@@ -98,11 +98,11 @@ def load_training_table(
         from creditgraph.data.load import load_dataset
 
         ds = load_dataset(data, with_truth=False)
-        spec, users = ds.spec, ds.users
+        spec = ds.spec
         file = str(data / spec.users)
         cols = dict(dataset_features(ds, include_treatment).items())
         if target is None or target in (spec.outcome, "outcome"):
-            target_name, y_raw = spec.outcome, users["outcome"]
+            target_name, y_raw = spec.outcome, pd.Series(ds.outcome)
         elif target in cols:
             target_name, y_raw = target, cols.pop(target)
         else:
@@ -261,8 +261,8 @@ def learn_rules(
         "mean_rule_length": rs.mean_length,
         "fit": estimator.fit_stats_,
         "config": cfg.model_dump(mode="json"),
-        "sql_where": rs.to_sql(),
-        "pandas_query": rs.to_query(),
+        "sql_where": sql_where(rs),
+        "pandas_query": pandas_query(rs),
     }
     with atomic_dir(out) as tmp:
         write_exports(rs, tmp, summary)

@@ -20,9 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 
 from creditgraph.rules.rule import Condition, Rule, simplify
 from creditgraph.utils.logs import get_logger
+from creditgraph.utils.runtime import require_ray
 
 log = get_logger(__name__)
 
@@ -242,11 +244,7 @@ def mine_rules(
     """
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n_estimators)]
     if use_ray:
-        import ray
-
-        from creditgraph.utils.runtime import init_ray
-
-        init_ray()
+        require_ray("rule mining (use_ray=True)")
         task = ray.remote(num_cpus=1)(grow_tree)
         x_ref, y_ref = ray.put(X), ray.put(y)
         refs = [task.remote(x_ref, y_ref, s, params, max_features, bootstrap) for s in seeds]

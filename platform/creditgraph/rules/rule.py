@@ -17,6 +17,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from creditgraph.utils.io import _json_default, write_json
+
 Op = Literal["<=", ">", "is missing", "is not missing"]
 OPS: tuple[str, ...] = ("<=", ">", "is missing", "is not missing")
 FORMAT_VERSION = 1
@@ -225,25 +227,7 @@ class RuleSet:
         out[hit] = labels[first[hit]]
         return out
 
-    # --- text and exports --------------------------------------------------------------
-    def to_text(self) -> str:
-        """One line per rule: ``name: IF conditions`` (with training stats when known)."""
-        from creditgraph.rules.export import ruleset_text
-
-        return ruleset_text(self)
-
-    def to_sql(self) -> str:
-        """A SQL ``WHERE`` condition selecting exactly the rows :meth:`predict` flags."""
-        from creditgraph.rules.export import sql_where
-
-        return sql_where(self)
-
-    def to_query(self) -> str:
-        """A pandas ``DataFrame.query`` string selecting exactly the rows :meth:`predict` flags."""
-        from creditgraph.rules.export import pandas_query
-
-        return pandas_query(self)
-
+    # --- serialization (text, SQL and pandas exports live in rules/export.py) ------------
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
@@ -268,8 +252,6 @@ class RuleSet:
         )
 
     def to_json(self) -> str:
-        from creditgraph.utils.io import _json_default
-
         return json.dumps(self.to_dict(), indent=2, default=_json_default)
 
     @classmethod
@@ -278,8 +260,6 @@ class RuleSet:
 
     def save(self, path: str | Path) -> None:
         """Write the rule set as JSON (atomically)."""
-        from creditgraph.utils.io import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod

@@ -32,9 +32,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 from scipy.special import betaln, gammaln
 
 from creditgraph.utils.logs import get_logger
+from creditgraph.utils.runtime import require_ray
 
 log = get_logger(__name__)
 
@@ -327,11 +329,7 @@ def select_rules(
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n_chains)]
     lengths = np.asarray(lengths)
     if use_ray and n_chains > 1:
-        import ray
-
-        from creditgraph.utils.runtime import init_ray
-
-        init_ray()
+        require_ray("rule-set selection chains (use_ray=True)")
         task = ray.remote(num_cpus=1)(run_chain)
         mats_ref = ray.put(mats)
         results = ray.get([task.remote(mats_ref, lengths, params, s) for s in seeds])

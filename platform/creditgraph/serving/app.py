@@ -1,74 +1,120 @@
 """``creditgraph serve``: the online decision API on Ray Serve.
 
-Three deployments behind one FastAPI ingress:
+Three deployments behind one FastAPI ingress, composed with ``bind``:
 
-* ``GraphEncoder`` reads the requesting user's record and its one-hop neighbours' stored tokens
-  from the embedding store, applies fresh features if given, and runs the last hop (the
-  lambda architecture's online half, :class:`~creditgraph.serving.online.LastHopScorer`);
-* ``OutcomeTower`` turns tower inputs into risk curves, with dynamic request batching;
-* ``DecisionAPI`` (ingress) validates, calls both, and applies the limit policy
-  (:func:`~creditgraph.policy.decide.online_decision`) with the user's batch cluster cap.
+* ``GraphEncoder`` follows the snapshot registry's promoted snapshot (switching without a
+  restart), reads a known user's record or an applicant's entities from it, and runs the last
+  layer (``serving/context.encode``);
+* ``OutcomeTower`` turns tower inputs into risk curves, uncertainty and DSL scores, batching
+  concurrent requests (``serving/context.tower``);
+* ``DecisionAPI`` (ingress) authenticates, validates, applies the server's policy
+  (``serving/context.decide``) and writes the decision log.
 
-Endpoints: ``POST /v1/decisions``, ``GET /v1/model``, ``GET /healthz``; OpenAPI at ``/docs``.
-Set ``CREDITGRAPH_API_TOKEN`` to require ``Authorization: Bearer <token>``.
+Endpoints: ``POST /v1/decisions`` (a known ``user_id``, or an applicant's ``features``, ``limit``,
+``links`` and ``as_of``), ``GET /v1/model``, ``GET /v1/snapshots`` and ``POST /v1/admin/snapshot``
+(admin), ``GET /healthz``; OpenAPI at ``/docs``.
+
+Security: a bearer token is required on every endpoint but ``/healthz``: ``CREDITGRAPH_API_TOKEN``
+(role ``decide``) and ``CREDITGRAPH_ADMIN_TOKEN`` (role ``admin``). Without a token the service
+refuses to start unless it is explicitly run open (``insecure: true``, ``creditgraph serve
+--insecure``), which it logs loudly and reports on ``/v1/model``. The policy (grid, ceiling, caps,
+guarantee) is the server's: a caller may only ask for a *lower* ceiling, down to the policy's
+``caller_r_max_floor``; only the admin role may raise it or send a grid.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request model classes
 # themselves on the endpoint signatures, which Ray Serve's ingress re-binds.
+import hashlib
 import hmac
-import math
+import logging
 import os
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+import pandas as pd
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from ray import serve
 
+from creditgraph.config import PipelineConfig
+from creditgraph.layout import RunLayout
+from creditgraph.policy.config import GridConfig
+from creditgraph.serving.context import (
+    Applicant,
+    Context,
+    Encoded,
+    ScoringBundle,
+    decide,
+    encode,
+    for_applicants,
+    read_known,
+    tower,
+)
+from creditgraph.serving.decision_log import DecisionLog, input_hash
+from creditgraph.serving.snapshot import Registry, SnapshotError
+
 TOKEN_ENV = "CREDITGRAPH_API_TOKEN"
+ADMIN_TOKEN_ENV = "CREDITGRAPH_ADMIN_TOKEN"
 MAX_BODY_BYTES = 64 * 1024
-MAX_GRID_POINTS = 1001
+MAX_LINKS = 64
+MAX_ID_CHARS = 128
+EPOCH = pd.Timestamp("1970-01-01")
+
+log = logging.getLogger("creditgraph.serving.app")
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Amount = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1e15)]
+Id = StrictStr | StrictInt
 
 
-class GridSpec(BaseModel):
-    """A grid of limits: ``start, start + step, ..., <= stop``."""
+class Link(BaseModel):
+    """An applicant was seen with an entity (device, phone, address, IP...) at ``ts``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    start: Finite = Field(0.0, ge=0)
-    stop: Finite = Field(..., gt=0)
-    step: Finite = Field(..., gt=0)
-
-    @model_validator(mode="after")
-    def _size(self) -> "GridSpec":
-        if self.stop < self.start:
-            raise ValueError("grid.stop must be >= grid.start")
-        n = math.floor((self.stop - self.start) / self.step + 1e-9) + 1
-        if n > MAX_GRID_POINTS:
-            raise ValueError(f"grid has {n} points; at most {MAX_GRID_POINTS} are allowed")
-        return self
-
-    def values(self) -> np.ndarray:
-        n = math.floor((self.stop - self.start) / self.step + 1e-9) + 1
-        return self.start + self.step * np.arange(n)
+    entity_type: StrictStr = Field(..., max_length=64)
+    entity_id: Id
+    ts: str | None = Field(None, description="ISO time; default: the request's as_of")
 
 
 class DecisionRequest(BaseModel):
-    """``POST /v1/decisions``: decide a limit for one known user."""
+    """``POST /v1/decisions``: a known user by id, or an applicant by its data."""
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: StrictStr | StrictInt
-    features: dict[str, Finite | None] | None = Field(
-        None, description="fresh raw feature values (null = missing); others come from the store"
+    user_id: Id | None = Field(None, description="a user of the served snapshot")
+    applicant: bool = Field(
+        False, description="decide the payload as a new applicant even if user_id is known"
     )
-    r_max: Finite | None = Field(None, gt=0, lt=1, description="risk ceiling (default: policy)")
-    grid: GridSpec | None = None
+    features: dict[str, Finite | None] | None = Field(
+        None, description="raw feature values (null = missing); for a known user: fresh values"
+    )
+    limit: Amount | None = Field(None, description="the applicant's current limit (default 0)")
+    links: list[Link] | None = Field(None, max_length=MAX_LINKS)
+    as_of: str | None = Field(None, description="decision time (ISO); default: now")
+    r_max: Finite | None = Field(
+        None, gt=0, lt=1, description="a lower ceiling than the policy's (admin: any)"
+    )
+    grid: GridConfig | None = Field(None, description="admin only: another grid of limits")
+
+    @model_validator(mode="after")
+    def _who(self) -> "DecisionRequest":
+        if self.user_id is None and self.features is None:
+            raise ValueError("give a user_id (known user) or features (an applicant)")
+        if isinstance(self.user_id, str) and len(self.user_id) > MAX_ID_CHARS:
+            raise ValueError(f"user_id longer than {MAX_ID_CHARS} characters")
+        return self
+
+
+class SnapshotAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["promote", "rollback"]
+    id: StrictStr | None = None
 
 
 class ServeArgs(BaseModel):
@@ -77,133 +123,160 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str
-    store_uri: str | None = None
+    snapshots: str | None = Field(None, description="snapshot registry; default RUN.snapshots")
     rules_dir: str | None = None
-    policy_config: str | None = Field(
-        None, description="pipeline.yaml whose `policy` section applies"
-    )
+    policy_config: str | None = Field(None, description="pipeline.yaml whose `policy` applies")
+    decision_log: str | None = Field(None, description="default: REGISTRY/decision_log")
+    insecure: bool = Field(False, description="serve without authentication (local development)")
+    replicas: int | None = Field(None, ge=1, description="fixed replicas instead of autoscaling")
 
 
-def _policy(args: ServeArgs):
-    from creditgraph.config import PipelineConfig
+def _bundle(args: ServeArgs) -> ScoringBundle:
+    policy = PipelineConfig.load(args.policy_config).policy
+    return ScoringBundle.load(args.run_dir, policy, args.rules_dir)
 
-    return PipelineConfig.load(args.policy_config).policy
+
+def _registry(args: ServeArgs) -> Registry:
+    return Registry.for_run(RunLayout(Path(args.run_dir)), args.snapshots)
+
+
+def _days(text: str | None, field: str) -> float:
+    """ISO time to days since 1970 (naive = UTC); a 422 naming the field when unparseable."""
+    if text is None:
+        return (pd.Timestamp.now(tz="UTC").tz_localize(None) - EPOCH) / pd.Timedelta(days=1)
+    try:
+        t = pd.Timestamp(text)
+    except (ValueError, TypeError) as exc:
+        raise _unprocessable(field, f"not an ISO time: {exc}") from exc
+    if t.tzinfo is not None:
+        t = t.tz_convert("UTC").tz_localize(None)
+    return (t - EPOCH) / pd.Timedelta(days=1)
+
+
+def _unprocessable(field: str | list, msg: str) -> HTTPException:
+    loc = ["body", *field] if isinstance(field, list) else ["body", field]
+    return HTTPException(422, detail=[{"loc": loc, "msg": msg, "type": "value_error"}])
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class GraphEncoder:
-    """Last hop of the graph model for one user, from the embedding store."""
+    """Reads the promoted snapshot and runs the last layer for one request."""
 
-    def __init__(self, run_dir: str, store_uri: str | None = None, rules_dir: str | None = None):
+    def __init__(self, args: dict):
         import torch
 
-        from creditgraph.causal.pretrain import PretrainArtifacts
-        from creditgraph.graph.features import FeatureStandardizer
-        from creditgraph.model.artifact import load_model
-        from creditgraph.model.predict import DSLStats
-        from creditgraph.serving.embed import default_store_uri
-        from creditgraph.serving.online import LastHopScorer
-        from creditgraph.serving.store import open_store
-        from creditgraph.utils.io import read_json
-
         torch.set_num_threads(1)
-        run = Path(run_dir).resolve()
-        model, _ = load_model(run / "model")
-        stats = read_json(run / "graph" / "feature_stats.json")
-        self.scorer = LastHopScorer(
-            model,
-            FeatureStandardizer.from_records(
-                stats, clip_z=read_json(run / "graph" / "manifest.json")["config"]["clip_z"]
-            ),
-            PretrainArtifacts.load(run).teacher() if model.prior_dim else None,
-            DSLStats.load(run / "model"),
-        )
-        self.store = open_store(store_uri or default_store_uri(run))
-        self.meta = self.store.get_json("meta") or {}
-        self.features = list(self.meta.get("feature_names", []))
-        self.index = {f: i for i, f in enumerate(self.features)}
-        self.rules = None
-        if rules_dir:
-            from creditgraph.rules import ConstrainedRuleSet
+        self.args = ServeArgs(**args)
+        self.bundle = _bundle(self.args)
+        self.registry = _registry(self.args)
+        self.snapshot = None
+        self._pointer_seen: tuple[float, int] | None = None
+        self._checked = 0.0
+        self.index = {f: i for i, f in enumerate(self.bundle.feature_names)}
+        self._follow(force=True)
 
-            self.rules = ConstrainedRuleSet.load(rules_dir)
+    def _follow(self, force: bool = False) -> None:
+        """Switch to the promoted snapshot when the registry's pointer changed (checked at most
+        every 0.5 s: one ``stat``)."""
+        now = time.monotonic()
+        if not force and now - self._checked < 0.5:
+            return
+        self._checked = now
+        path = self.registry.layout.current
+        try:
+            st = path.stat()
+            seen = (st.st_mtime, st.st_ino)
+        except FileNotFoundError:
+            seen = None
+        if not force and seen == self._pointer_seen:
+            return
+        current = self.registry.current()
+        if current is not None and (self.snapshot is None or self.snapshot.id != current):
+            snap = self.registry.open(current)
+            if snap.meta["model_version"] != self.bundle.model_version:
+                snap.close()
+                raise SnapshotError(
+                    f"snapshot {current} was made with model {snap.meta['model_version']}, the "
+                    f"service runs {self.bundle.model_version}"
+                )
+            old, self.snapshot = self.snapshot, snap
+            if old is not None:
+                old.close()
+        self._pointer_seen = seen
 
-    def encode(
-        self, user_id: str | int, features: dict[str, float | None] | None
-    ) -> dict[str, Any]:
-        from creditgraph.serving.online import Neighbourhood
-
-        node_arr = self.store.get_array("node", user_id)
-        if node_arr is None:
-            return {"error": "unknown_user"}
-        node = int(node_arr[0])
-        rec = self.store.get_array("user", node)
-        nf = len(self.features)
-        raw, treatment, struct = rec[:nf].astype(np.float64), float(rec[nf]), rec[nf + 1 :]
-        for name, value in (features or {}).items():
-            raw[self.index[name]] = np.nan if value is None else value
-        nbr = self.store.get_array("nbr", node)
-        weights = self.store.get_array("nbrw", node)
-        states = self.store.get_arrays("state", nbr) if len(nbr) else []
-        hood = Neighbourhood(
-            counts=np.array([len(nbr)]),
-            weights=weights.astype(np.float32),
-            states=np.stack(states) if len(nbr) else np.zeros((0, self.scorer.width), np.float32),
-        )
-        enc = self.scorer.encode(raw[None, :], np.array([treatment]), struct[None, :], hood)
-        unc = self.store.get_array("unc", node)
-        dsl = self.scorer.dsl(
-            enc["completeness"], enc["rep"], unc if unc is not None else np.zeros(1)
-        )
-        cap = self.store.get_array("cap", node)
-        rule = None
-        if self.rules is not None:
-            import pandas as pd
-
-            rule = self.rules.match(pd.DataFrame(raw[None, :], columns=self.features))[0]
+    def info(self) -> dict:
+        self._follow()
+        snap = self.snapshot
         return {
-            "x": enc["x"][0],
-            "dsl_score": float(dsl[0]),
-            "user_cap": None if cap is None or not np.isfinite(cap[0]) else float(cap[0]),
-            "cluster_id": -1 if cap is None else int(cap[1]),
-            "rule": None
-            if rule is None or (isinstance(rule, float) and math.isnan(rule))
-            else str(rule),
+            "snapshot": None if snap is None else snap.id,
+            "decision_time": None if snap is None else snap.meta["decision_time"],
+            "caps_present": False if snap is None else snap.caps_present,
+        }
+
+    def encode(self, req: dict) -> dict:
+        self._follow()
+        snap = self.snapshot
+        if snap is None:
+            return {"error": "no_snapshot"}
+        b = self.bundle
+        applicant = req["user_id"] is None or req["applicant"]
+        if not applicant:
+            ctx = read_known(snap, [req["user_id"]])
+            if not ctx.known[0]:
+                if req["features"] is None:
+                    return {"error": "unknown_user"}
+                applicant = True
+            else:
+                for name, value in (req["features"] or {}).items():
+                    ctx.raw[0, self.index[name]] = np.nan if value is None else value
+        if applicant:
+            raw = np.full(len(b.feature_names), np.nan)
+            for name, value in (req["features"] or {}).items():
+                raw[self.index[name]] = np.nan if value is None else value
+            app = Applicant(
+                user_id=req["user_id"],
+                raw=raw,
+                limit=req["limit"] or 0.0,
+                as_of=req["as_of_days"],
+                links=[(lk["entity_type"], lk["entity_id"], lk["ts_days"]) for lk in req["links"]],
+            )
+            ctx = for_applicants(b, snap, [app])
+        enc = encode(b, ctx)
+        return {
+            "encoded": enc,
+            "known": bool(ctx.known[0]),
+            "user_cap": float(ctx.user_cap[0]),
+            "cluster_id": int(ctx.cluster_id[0]),
+            "entities": ctx.entities[0],
+            "raw": ctx.raw[0],
+            "snapshot": snap.id,
+            "caps_present": snap.caps_present,
         }
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 class OutcomeTower:
-    """Risk curves from tower inputs, batched across concurrent requests."""
+    """Risk curves, uncertainty and DSL scores from tower inputs, batched across requests."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, args: dict):
         import torch
-
-        from creditgraph.model.artifact import load_model
 
         torch.set_num_threads(1)
-        self.model, _ = load_model(Path(run_dir).resolve() / "model")
+        self.bundle = _bundle(ServeArgs(**args))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def curves(self, items: list[tuple[np.ndarray, tuple[float, ...]]]) -> list[np.ndarray]:
-        import torch
-
-        x = torch.from_numpy(np.stack([np.asarray(i[0], np.float32) for i in items]))
-        with torch.no_grad():
-            params = self.model.outcome.params(x)
-            out = []
-            for row, (_, grid) in enumerate(items):
-                g = torch.tensor(grid, dtype=torch.float32)
-                out.append(
-                    torch.sigmoid(self.model.curve_logits(params[row : row + 1], g))[0].numpy()
-                )
+    async def evaluate(self, items: list[tuple[Encoded, tuple[float, ...]]]) -> list[dict]:
+        out = []
+        for enc, grid in items:  # grids may differ (admin requests): one pass per item
+            ev = tower(self.bundle, enc, np.asarray(grid))
+            out.append(ev)
         return out
 
 
 api = FastAPI(
     title="creditgraph decisions",
-    description="Causal risk curves and credit-limit decisions for known users.",
-    version="1",
+    description="Causal risk curves and credit-limit decisions for known users and new applicants.",
+    version="2",
 )
 
 
@@ -214,120 +287,297 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse({"detail": errors}, status_code=422)
 
 
-@api.middleware("http")
-async def _guard(request: Request, call_next):
-    """Bearer token (when configured) and a bound on the request body size."""
-    token = os.environ.get(TOKEN_ENV)
-    if token and not request.url.path.endswith("/healthz"):
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return JSONResponse({"detail": "missing or invalid bearer token"}, status_code=401)
-    length = request.headers.get("content-length")
-    if length is not None and int(length) > MAX_BODY_BYTES:
-        return JSONResponse(
-            {"detail": f"request body of {length} bytes exceeds {MAX_BODY_BYTES}"}, status_code=413
+@api.exception_handler(Exception)
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error on %s", request.url.path)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+class BodyLimit:
+    """Reads the whole request body before the app sees it and refuses it above the limit with
+    a 413, whether or not a Content-Length was sent (a chunked body is counted as it arrives)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, int(declared))
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                return await self._refuse(send, size)
+            chunks.append(body)
+            more = message.get("more_body", False)
+        payload = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send, size: int) -> None:
+        response = JSONResponse(
+            {"detail": f"request body of at least {size} bytes exceeds {self.limit}"},
+            status_code=413,
         )
-    return await call_next(request)
+        await response({"type": "http"}, None, send)
+
+
+api.add_middleware(BodyLimit)
+
+
+def _token_fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def caller(request: Request) -> dict:
+    """The caller's role and identity from its bearer token (401 without a valid one)."""
+    state = request.app.state
+    if getattr(state, "insecure", False):
+        return {"role": "admin", "identity": "insecure"}
+    given = request.headers.get("authorization", "")
+    for role, env in (("admin", ADMIN_TOKEN_ENV), ("decide", TOKEN_ENV)):
+        token = os.environ.get(env)
+        if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return {"role": role, "identity": f"{role}:{_token_fingerprint(token)}"}
+    raise HTTPException(401, detail="missing or invalid bearer token")
+
+
+Caller = Annotated[dict, Depends(caller)]
+
+
+def _reasons(binding: str, rule: str | None, missing: list[str], cluster_capped: bool) -> list[str]:
+    """What a credit officer can pass on about a lowered or declined limit."""
+    text = {
+        "risk_ceiling": "the estimated default risk reaches the ceiling at higher limits",
+        "no_feasible_limit": "the estimated default risk is above the ceiling at every limit",
+        "dsl": "important information is missing or the model is uncertain for this user, so a "
+        "lower ceiling applies",
+        "guardrail": f"a high-risk rule matched ({rule})",
+        "cluster_cap": "accounts tied to this one by shared devices, phones or addresses already "
+        "hold most of their group's credit",
+        "grid_max": "the largest limit on offer",
+    }
+    out = [text.get(binding, binding)]
+    if rule and binding != "guardrail":
+        out.append(f"a high-risk rule matched ({rule})")
+    if missing:
+        out.append("missing important information: " + ", ".join(missing[:5]))
+    if cluster_capped and binding != "cluster_cap":
+        out.append("the group's remaining credit room caps this limit")
+    return out
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class DecisionAPI:
-    def __init__(self, encoder, tower, args: dict):
+    def __init__(self, encoder, tower_handle, args: dict):
         self.encoder = encoder
-        self.tower = tower
+        self.tower = tower_handle
         self.args = ServeArgs(**args)
-        self.policy = _policy(self.args)
-        from creditgraph.serving.embed import default_store_uri
-        from creditgraph.serving.store import open_store
-        from creditgraph.utils.io import read_json
-
-        run = Path(self.args.run_dir).resolve()
-        store = open_store(self.args.store_uri or default_store_uri(run))
-        self.meta = store.get_json("meta") or {}
-        store.close()
-        self.model_meta = read_json(run / "model" / "model.json")["summary"]
-        self.features = set(self.meta.get("feature_names", []))
+        self.bundle = _bundle(self.args)
+        self.registry = _registry(self.args)
+        self.log = DecisionLog(
+            self.args.decision_log or (self.registry.layout.root / "decision_log")
+        )
+        api.state.insecure = self.args.insecure
+        if self.args.insecure:
+            log.warning("creditgraph decision API is running WITHOUT authentication (insecure)")
+        elif not os.environ.get(TOKEN_ENV) and not os.environ.get(ADMIN_TOKEN_ENV):
+            raise RuntimeError(
+                f"no API token: set {TOKEN_ENV} (and {ADMIN_TOKEN_ENV} for admins), or run the "
+                "service open for local development with --insecure"
+            )
+        self.features = set(self.bundle.feature_names)
+        alpha = self.bundle.inference.model.alpha.numpy()
+        self.important = [
+            f for f, a in zip(self.bundle.feature_names, np.abs(alpha), strict=True) if a >= 0.2
+        ]
 
     @api.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok"}
 
     @api.get("/v1/model")
-    def model_info(self) -> dict:
+    async def model_info(self, who: Caller) -> dict:
+        info = await self.encoder.info.remote()
+        p = self.bundle.policy
         return {
-            "model_version": self.meta.get("model_fingerprint"),
-            "graph_version": self.meta.get("graph_fingerprint"),
-            "users": self.meta.get("n_users"),
+            "model_version": self.bundle.model_version,
+            "graph_version": self.bundle.graph_version,
             "features": sorted(self.features),
-            "best_val_loss": self.model_meta.get("best_val_loss"),
-            "default_r_max": self.policy.r_max,
-            "default_grid": self.policy.grid.model_dump(),
+            "entity_types": self.bundle.entity_types,
+            "policy": {
+                "r_max": p.r_max,
+                "caller_r_max_floor": p.caller_r_max_floor,
+                "grid": p.grid.model_dump() if p.grid else None,
+            },
+            "snapshot": info["snapshot"],
+            "decision_time": info["decision_time"],
+            "caps_present": info["caps_present"],
+            "auth": "off (insecure)" if self.args.insecure else "bearer token",
+            "role": who["role"],
         }
 
-    @api.post("/v1/decisions")
-    async def decide(self, req: DecisionRequest) -> dict:
-        from creditgraph.policy.decide import online_decision
+    @api.get("/v1/snapshots")
+    def snapshots(self, who: Caller) -> dict:
+        self._admin(who)
+        return {"current": self.registry.current(), "snapshots": self.registry.list()}
 
+    @api.post("/v1/admin/snapshot")
+    def switch(self, req: SnapshotAction, who: Caller) -> dict:
+        self._admin(who)
+        try:
+            if req.action == "promote":
+                if req.id is None:
+                    raise _unprocessable("id", "promote needs a snapshot id")
+                pointer = self.registry.promote(req.id, by=who["identity"])
+            else:
+                pointer = self.registry.rollback(by=who["identity"])
+        except SnapshotError as exc:
+            raise HTTPException(404, detail=str(exc)) from exc
+        return {"current": pointer["current"]}
+
+    def _admin(self, who: dict) -> None:
+        if who["role"] != "admin":
+            raise HTTPException(403, detail="this endpoint needs the admin role")
+
+    @api.post("/v1/decisions")
+    async def decide(self, req: DecisionRequest, who: Caller) -> dict:
+        b, p = self.bundle, self.bundle.policy
         unknown = sorted(set(req.features or {}) - self.features)
         if unknown:
-            raise HTTPException(
-                status_code=422,
-                detail=[
-                    {
-                        "loc": ["body", "features", unknown[0]],
-                        "msg": f"unknown feature(s) {unknown}",
-                        "type": "value_error",
-                    }
-                ],
+            raise _unprocessable(["features", unknown[0]], f"unknown feature(s) {unknown}")
+        r_max = p.r_max if req.r_max is None else req.r_max
+        if who["role"] != "admin":
+            if req.grid is not None:
+                raise HTTPException(403, detail="the grid is the server's policy (admin only)")
+            if req.r_max is not None and not p.caller_r_max_floor <= req.r_max <= p.r_max:
+                raise _unprocessable(
+                    "r_max",
+                    f"a caller may only lower the ceiling: {p.caller_r_max_floor} <= r_max <= "
+                    f"{p.r_max}",
+                )
+        grid = req.grid.values() if req.grid is not None else p.grid_values()
+        as_of_days = _days(req.as_of, "as_of")
+        links = [
+            {
+                "entity_type": lk.entity_type,
+                "entity_id": lk.entity_id,
+                "ts_days": as_of_days if lk.ts is None else _days(lk.ts, "links"),
+            }
+            for lk in (req.links or [])
+        ]
+        bad = [lk["entity_type"] for lk in links if lk["entity_type"] not in b.entity_types]
+        if bad:
+            raise _unprocessable(
+                ["links", "entity_type"], f"unknown entity type(s) {sorted(set(bad))}"
             )
-        enc = await self.encoder.encode.remote(req.user_id, req.features)
-        if enc.get("error") == "unknown_user":
-            raise HTTPException(status_code=404, detail=f"unknown user {req.user_id!r}")
-        grid = req.grid.values() if req.grid else self.policy.grid.values()
-        curve = await self.tower.curves.remote((enc["x"], tuple(float(g) for g in grid)))
-        d = online_decision(
-            curve,
-            grid,
-            r_max=req.r_max,
-            dsl_score=enc["dsl_score"],
-            user_cap=enc["user_cap"],
-            guardrail_rule=enc["rule"],
-            cluster_id=enc["cluster_id"],
-            config=self.policy,
-        )
-        return {
+        payload = {
             "user_id": req.user_id,
+            "applicant": req.applicant,
+            "features": req.features,
+            "limit": req.limit,
+            "as_of_days": as_of_days,
+            "links": links,
+        }
+        enc = await self.encoder.encode.remote(payload)
+        if enc.get("error") == "unknown_user":
+            raise HTTPException(404, detail=f"unknown user {req.user_id!r} in the served snapshot")
+        if enc.get("error") == "no_snapshot":
+            raise HTTPException(503, detail="no snapshot promoted yet")
+        ev = await self.tower.evaluate.remote((enc["encoded"], tuple(float(g) for g in grid)))
+        ctx = Context(
+            user_id=np.array([req.user_id], object),
+            raw=enc["raw"][None, :],
+            limit=np.array([req.limit or 0.0]),
+            as_of=np.array([as_of_days]),
+            struct=np.zeros((1, 0), np.float32),
+            tokens=np.zeros((1, 0, 0, 0), np.float32),
+            user_cap=np.array([enc["user_cap"]]),
+            cluster_id=np.array([enc["cluster_id"]], np.int64),
+            known=np.array([enc["known"]]),
+        )
+        table = decide(b, ev, ctx, grid, r_max=r_max)
+        d = table.row(0)
+        missing = [f for f in self.important if np.isnan(enc["raw"][b.feature_names.index(f)])]
+        response = {
+            "user_id": req.user_id,
+            "known_user": enc["known"],
             "limit": d.limit,
             "p_default_at_limit": d.p_default_at_limit,
             "binding_constraint": d.binding_constraint,
+            "reasons": _reasons(d.binding_constraint, d.rule, missing, d.user_cap is not None),
             "dsl_score": d.dsl_score,
             "rule": d.rule,
             "cluster_id": d.cluster_id,
-            "r_max": self.policy.r_max if req.r_max is None else req.r_max,
-            "curve": {"limit": [float(g) for g in grid], "p_default": [float(p) for p in curve]},
-            "model_version": self.meta.get("model_fingerprint"),
+            "user_cap": d.user_cap,
+            "caps_applied": enc["caps_present"],
+            "r_max": r_max,
+            "r_max_effective": d.r_max_effective,
+            "curve": {
+                "limit": [float(g) for g in grid],
+                "p_default": [float(x) for x in ev.curves[0]],
+            },
+            "entities": [
+                {k: v for k, v in e.items() if k != "in_window" or not v} for e in enc["entities"]
+            ],
+            "snapshot": enc["snapshot"],
+            "model_version": b.model_version,
         }
-
-
-def build_app(
-    args: dict, replicas: int | None = None, ingress_env: dict[str, str] | None = None
-) -> serve.Application:
-    """Application builder for ``serve run serve/config.yaml`` / ``serve deploy``.
-
-    ``replicas`` fixes every deployment's replica count (instead of the config's autoscaling);
-    ``ingress_env`` sets environment variables of the ingress replicas (e.g. the API token).
-    """
-    a = ServeArgs(**args)
-    encoder, tower, ingress = GraphEncoder, OutcomeTower, DecisionAPI
-    if replicas is not None:
-        encoder = encoder.options(num_replicas=replicas)
-        tower = tower.options(num_replicas=replicas)
-        ingress = ingress.options(num_replicas=replicas)
-    if ingress_env:
-        ingress = ingress.options(
-            ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": ingress_env}}
+        self.log.append(
+            {
+                "snapshot": enc["snapshot"],
+                "model_version": b.model_version,
+                "caller": who["identity"],
+                "user_id": req.user_id,
+                "inputs_hash": input_hash(
+                    {
+                        "payload": {k: v for k, v in payload.items() if k != "links"},
+                        "entities": [e["key"] for e in enc["entities"]],
+                    }
+                ),
+                "entities": [e["key"] for e in enc["entities"]],
+                "limit": d.limit,
+                "binding_constraint": d.binding_constraint,
+                "reasons": response["reasons"],
+                "r_max": r_max,
+            }
         )
-    return ingress.bind(
-        encoder.bind(a.run_dir, a.store_uri, a.rules_dir), tower.bind(a.run_dir), a.model_dump()
-    )
+        return response
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder for ``serve run serve/config.yaml`` / ``serve deploy`` (one dict of
+    arguments, Ray Serve's convention) and for ``creditgraph serve``."""
+    a = ServeArgs(**args)
+    encoder, tower_d, ingress = GraphEncoder, OutcomeTower, DecisionAPI
+    if a.replicas is not None:
+        encoder = encoder.options(num_replicas=a.replicas)
+        tower_d = tower_d.options(num_replicas=a.replicas)
+        ingress = ingress.options(num_replicas=a.replicas)
+    # the API tokens of the environment the application is built in reach the ingress replicas
+    # (which may run in worker processes started before they were set)
+    tokens = {k: os.environ[k] for k in (TOKEN_ENV, ADMIN_TOKEN_ENV) if os.environ.get(k)}
+    if tokens:
+        ingress = ingress.options(
+            ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": tokens}}
+        )
+    dumped = a.model_dump()
+    return ingress.bind(encoder.bind(dumped), tower_d.bind(dumped), dumped)

@@ -1,330 +1,530 @@
-"""``creditgraph score``: elastic batch rescoring with Ray Data.
+"""``creditgraph score``: batch scoring with Ray Data, and the snapshot the online service reads.
 
-users (any number of parquet files, validated) -> ``map_batches`` on an autoscaling actor pool
-(each actor holds the model and a read handle on the embedding store once) -> risk curves, DSL
-scores and the limit each user would get before cluster caps -> per-cluster caps allocated on the
-driver from those limits (a few numbers per user) -> final decisions -> ``OUT/curves.parquet``
-(user_id, limit, p_default) and ``OUT/decisions.parquet``, written to a temporary folder and
-renamed, so a crashed run leaves nothing at ``OUT``. Standardization statistics, graph context
-and uncertainty references all come from the training run and its embedding store; nothing is
-re-fitted on the scoring batch. The per-user caps are written back to the store for the online
-service.
+Whatever users and links the scoring dataset holds are scored on the dataset's own graph: users
+the model never saw, and today's links for known users (the curves move when the links move). The
+run's standardization, teacher, entity types, salt and history window are used; nothing is
+re-fitted on the batch, and nothing is written into the run folder.
+
+1. validate the dataset; each user is decided at its ``as_of`` (``--as-of T`` decides everyone at
+   T: a rescoring); the batch's decision time ``T`` is the latest one, stated in the outputs;
+2. build the time-directed user graph of the dataset with the run's entity types (a link after a
+   user's decision time never reaches it) and its structural features;
+3. Ray Data, an autoscaling actor pool holding the model once per actor: each user's ``h0`` and
+   hop-0 tokens; the driver then propagates the hops with sparse weighted means (O(edges));
+4. Ray Data again: curves, uncertainty, DSL scores and guardrail hits from each user's context
+   (``serving/context.evaluate``, the function the service calls);
+5. on the driver: credit clusters at T, the cluster caps, and the decisions (``policy.decide``);
+6. write ``OUT/decisions.parquet``, ``OUT/curves.parquet``, ``OUT/summary.json`` atomically, and
+   publish a snapshot (user, entity and cluster records at T, with the caps) in the registry; it is
+   served only once promoted (``--promote``, or ``creditgraph snapshot promote``).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import scipy.sparse as sp
 
-from creditgraph.config import PipelineConfig
 from creditgraph.data.errors import DataValidationError
+from creditgraph.data.load import Dataset, load_dataset, to_days
+from creditgraph.graph.entities import entity_state
+from creditgraph.graph.temporal import structural_features, temporal_user_edges
+from creditgraph.layout import RunLayout, ScoreFiles, as_layout
+from creditgraph.policy.clusters import build_clusters
 from creditgraph.policy.config import PolicyConfig
-from creditgraph.utils.io import atomic_dir, write_json
+from creditgraph.policy.decide import decide as decide_all
+from creditgraph.policy.decide import exploration_draws
+from creditgraph.serving import records
+from creditgraph.serving.context import (
+    Context,
+    Evaluated,
+    ScoringBundle,
+    evaluate,
+    exploration_salt,
+)
+from creditgraph.serving.decision_log import DecisionLog
+from creditgraph.serving.snapshot import Registry, new_snapshot_id
+from creditgraph.utils.io import atomic_dir, fingerprint, path_signature, write_json
 from creditgraph.utils.logs import get_logger
+from creditgraph.utils.runtime import require_ray
 
 log = get_logger(__name__)
 
+EPOCH = pd.Timestamp("1970-01-01")
 
-class _ScoreActor:
-    """Ray Data actor: one model and one store handle, many batches of users."""
 
-    def __init__(
-        self,
-        run_dir: str,
-        store_uri: str,
-        grid: list[float],
-        policy: dict,
-        rules_dir: str | None,
-        fail_after: int | None = None,
-    ):
-        import ray
+@dataclass
+class BatchGraph:
+    """A scoring dataset as the model sees it: inputs per user and the user graph."""
+
+    ids: np.ndarray
+    raw: np.ndarray  # float64 [n, F]
+    limit: np.ndarray  # float64 [n]
+    as_of: np.ndarray  # float64 [n] days
+    struct: np.ndarray  # float32 [n, S]
+    src: np.ndarray
+    dst: np.ndarray
+    weight: np.ndarray
+    time: float  # the batch's decision time T (days)
+    edge_stats: dict
+
+
+def batch_graph(bundle: ScoringBundle, ds: Dataset, as_of: float | None = None) -> BatchGraph:
+    """The dataset's users and time-directed graph, on the run's feature order and entity types."""
+    names = bundle.feature_names
+    missing = [f for f in names if f not in ds.feature_names]
+    if missing:
+        raise DataValidationError(
+            str(ds.root), missing[0], f"feature columns of the model are absent: {missing}"
+        )
+    t = ds.t_days.copy()
+    if as_of is not None:
+        t[:] = as_of
+    edges = temporal_user_edges(
+        ds.links, t, bundle.entities, bundle.history_days, type_names=bundle.entity_types
+    )
+    struct, _ = structural_features(edges, ds.n_users)
+    raw = ds.features[names].to_numpy(dtype=np.float64)
+    return BatchGraph(
+        ids=np.asarray(ds.ids, dtype=object),
+        raw=raw,
+        limit=ds.treatment.astype(np.float64),
+        as_of=t,
+        struct=struct,
+        src=edges.src,
+        dst=edges.dst,
+        weight=edges.weight,
+        time=float(t.max()) if len(t) else float("nan"),
+        edge_stats=edges.stats,
+    )
+
+
+class _FirstActor:
+    """Ray Data actor, step 1: ``h0`` and hop-0 tokens for a block of users."""
+
+    def __init__(self, run: str):
         import torch
 
-        from creditgraph.causal.pretrain import PretrainArtifacts
-        from creditgraph.graph.features import FeatureStandardizer
-        from creditgraph.model.artifact import load_model
-        from creditgraph.model.predict import DSLStats
-        from creditgraph.serving.online import LastHopScorer
-        from creditgraph.serving.store import open_store
-        from creditgraph.utils.io import read_json
-
         torch.set_num_threads(1)
-        self.node_id = ray.get_runtime_context().get_node_id()  # reported per user: "scored_on"
-        run = Path(run_dir)
-        model, _ = load_model(run / "model")
-        graph = read_json(run / "graph" / "manifest.json")
-        std = FeatureStandardizer.from_records(
-            read_json(run / "graph" / "feature_stats.json"), clip_z=graph["config"]["clip_z"]
-        )
-        teacher = PretrainArtifacts.load(run).teacher() if model.prior_dim else None
-        self.scorer = LastHopScorer(model, std, teacher, DSLStats.load(run / "model"))
-        self.store = open_store(store_uri)
-        self.grid = np.asarray(grid, dtype=np.float64)
-        self.policy = PolicyConfig(**policy)
-        self.features = graph["feature_names"]
-        self.rules = None
-        if rules_dir:
-            from creditgraph.rules import ConstrainedRuleSet
-
-            self.rules = ConstrainedRuleSet.load(rules_dir)
-        self.calls = 0
-        self.fail_after = fail_after  # fault injection for tests: crash after this many batches
+        self.bundle = ScoringBundle.load(run)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from creditgraph.policy.decide import decide
-        from creditgraph.serving.online import Neighbourhood
+        cols = _Columns.of(self.bundle)
+        x = batch["data"]
+        first = self.bundle.inference.first(cols.raw(x), cols.limit(x), cols.struct(x))
+        return {"idx": cols.idx(x), "h0": first.h0, "c0": first.c0, "s0": first.s0}
 
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise RuntimeError(
-                f"simulated crash of a scoring actor after {self.fail_after} batches"
-            )
-        ids = batch["user_id"]
-        nodes_raw = self.store.get_arrays("node", ids)
-        known = np.array([a is not None for a in nodes_raw])
-        nodes = np.array([-1 if a is None else int(a[0]) for a in nodes_raw], dtype=np.int64)
-        raw = np.stack([np.asarray(batch[f], dtype=np.float64) for f in self.features], axis=1)
-        treatment = np.asarray(batch["treatment"], dtype=np.float64)
-        kn = nodes[known]
-        recs = self.store.get_arrays("user", kn)
-        nf = len(self.features)
-        struct = np.stack([r[nf + 1 :] for r in recs]) if len(kn) else np.zeros((0, 0), np.float32)
-        nbrs = self.store.get_arrays("nbr", kn)
-        weights = self.store.get_arrays("nbrw", kn)
-        flat = np.concatenate(nbrs) if len(kn) else np.zeros(0, np.int64)
-        uniq, inv = np.unique(flat, return_inverse=True)
-        states = (
-            np.stack(self.store.get_arrays("state", uniq))
-            if len(uniq)
-            else np.zeros((0, self.scorer.width), np.float32)
+
+class _FinishActor:
+    """Ray Data actor, step 4: evaluate a block of contexts on the decision grid."""
+
+    def __init__(self, run: str, policy: dict, rules_dir: str | None, grid: list[float]):
+        import torch
+
+        torch.set_num_threads(1)
+        self.bundle = ScoringBundle.load(run, PolicyConfig(**policy), rules_dir)
+        self.grid = np.asarray(grid)
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        b = self.bundle
+        cols = _Columns.of(b)
+        x = batch["data"]
+        n = len(x)
+        ctx = Context(
+            user_id=cols.idx(x),
+            raw=cols.raw(x),
+            limit=cols.limit(x),
+            as_of=np.zeros(n),
+            struct=cols.struct(x),
+            tokens=cols.tokens(x),
+            user_cap=np.full(n, np.inf),
+            cluster_id=np.full(n, -1, np.int64),
+            known=np.ones(n, bool),
         )
-        hood = Neighbourhood(
-            counts=np.array([len(a) for a in nbrs], dtype=np.int64),
-            weights=np.concatenate(weights).astype(np.float32)
-            if len(kn)
-            else np.zeros(0, np.float32),
-            states=states[inv] if len(flat) else np.zeros((0, self.scorer.width), np.float32),
-        )
-        enc = self.scorer.encode(raw[known], treatment[known], struct, hood)
-        unc = np.array([u[0] for u in self.store.get_arrays("unc", kn)], dtype=np.float64)
-        dsl = self.scorer.dsl(enc["completeness"], enc["rep"], unc)
-        curves = self.scorer.curves(enc["x"], self.grid)
-        hits = None
-        if self.rules is not None:
-            hits = self.rules.match(pd.DataFrame(raw[known], columns=self.features))
-        pre_cap = decide(curves, self.grid, dsl_score=dsl, guardrail_hits=hits, config=self.policy)
-        n = len(ids)
-        full_curves = np.full((n, len(self.grid)), np.nan, np.float32)
-        full_curves[known] = curves
-        out = {
-            "user_id": ids,
-            "node": nodes,
-            "known": known,
-            "curve": full_curves,
-            "dsl_score": _fill(n, known, dsl),
-            "demand": _fill(n, known, pre_cap.limit),
-            "rule": np.full(n, "", dtype=object),  # "" = no rule (keeps the column a string column)
-            "scored_on": np.full(n, self.node_id, dtype=object),
+        ev = evaluate(b, ctx, self.grid, h0=cols.h0(x))
+        return {
+            "idx": cols.idx(x),
+            "curves": ev.curves.astype(np.float32),
+            "logit_std": ev.logit_std.astype(np.float32),
+            "p_factual": ev.p_factual,
+            "dsl": ev.dsl,
+            "prob_std": ev.prob_std,
+            "rule": np.array(["" if r is None else r for r in ev.rule], dtype=object),
+            "node": np.full(n, self.node_id, dtype=object),
         }
-        if hits is not None:
-            out["rule"][known] = np.array(
-                ["" if h is None or h != h else str(h) for h in hits], dtype=object
-            )
-        return out
 
 
-def _fill(n: int, mask: np.ndarray, values: np.ndarray) -> np.ndarray:
-    out = np.full(n, np.nan)
-    out[mask] = values
-    return out
+@dataclass(frozen=True)
+class _Columns:
+    """The layout of the one float64 matrix a block of users travels in through Ray Data:
+    ``[row index, raw F, limit, struct S, tokens of hops 1..L (2 L d), h0 d]`` (the last two
+    only in the second pass). One array per block keeps rows together without relying on the
+    order of separate datasets."""
+
+    f: int
+    s: int
+    t: int
+    d: int
+
+    @classmethod
+    def of(cls, b: ScoringBundle) -> _Columns:
+        dims = b.dims
+        return cls(dims.n_features, dims.n_struct, 2 * dims.hops * dims.hidden, dims.hidden)
+
+    def idx(self, x: np.ndarray) -> np.ndarray:
+        return x[:, 0].astype(np.int64)
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        return x[:, 1 : 1 + self.f]
+
+    def limit(self, x: np.ndarray) -> np.ndarray:
+        return x[:, 1 + self.f]
+
+    def struct(self, x: np.ndarray) -> np.ndarray:
+        a = 2 + self.f
+        return x[:, a : a + self.s].astype(np.float32)
+
+    def tokens(self, x: np.ndarray) -> np.ndarray:
+        a = 2 + self.f + self.s
+        return x[:, a : a + self.t].astype(np.float32).reshape(len(x), 2, -1, self.d)
+
+    def h0(self, x: np.ndarray) -> np.ndarray:
+        a = 2 + self.f + self.s + self.t
+        return x[:, a : a + self.d].astype(np.float32)
 
 
-def _decide_rows(batch: dict[str, np.ndarray], grid: list[float], policy: dict) -> pd.DataFrame:
-    """Final decisions of a batch with the per-user cluster caps already allocated."""
-    from creditgraph.policy.decide import decide_with_caps
+def _blocks(n: int, size: int) -> list[tuple[int, int]]:
+    k = max(1, -(-n // size))
+    edges = np.linspace(0, n, k + 1).astype(int)
+    return list(pairwise(edges))
 
-    table = decide_with_caps(
-        np.asarray(batch["curve"], dtype=np.float64),
-        np.asarray(grid),
-        dsl_score=batch["dsl_score"],
-        user_cap=batch["user_cap"],
-        cluster_id=batch["cluster_id"].astype(np.int64),
-        guardrail_hits=[r if r else None for r in batch["rule"]],
-        config=PolicyConfig(**policy),
+
+def _dataset(packed: np.ndarray, batch_size: int) -> ray.data.Dataset:
+    """One block per ``batch_size`` users, each block one matrix (column ``data``)."""
+    return ray.data.from_numpy_refs(
+        [ray.put(packed[a:b]) for a, b in _blocks(len(packed), batch_size)]
     )
-    frame = table.to_frame(batch["user_id"])
-    frame["binding_constraint"] = frame["binding_constraint"].astype("string")
-    return frame
 
 
-def _long_curves(batch: dict[str, np.ndarray], grid: list[float]) -> dict[str, np.ndarray]:
-    g = np.asarray(grid, dtype=np.float64)
-    curves = np.asarray(batch["curve"], dtype=np.float32)
-    return {
-        "user_id": np.repeat(batch["user_id"], len(g)),
-        "limit": np.tile(g, len(curves)),
-        "p_default": curves.reshape(-1),
-    }
+def _run_first(
+    g: BatchGraph, run: RunLayout, batch_size: int, min_actors: int, max_actors: int
+) -> tuple:
+    n = len(g.raw)
+    packed = np.column_stack([np.arange(n), g.raw, g.limit, g.struct.astype(np.float64)])
+    out = _dataset(packed, batch_size).map_batches(
+        _FirstActor,
+        fn_constructor_kwargs={"run": str(run.root)},
+        batch_size=None,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        num_cpus=1,
+    )
+    h0 = c0 = s0 = None
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        if h0 is None:
+            h0 = np.zeros((n, batch["h0"].shape[1]), np.float32)
+            c0 = np.zeros((n, batch["c0"].shape[1]), np.float32)
+            s0 = np.zeros((n, batch["s0"].shape[1]), np.float32)
+        idx = batch["idx"]
+        h0[idx], c0[idx], s0[idx] = batch["h0"], batch["c0"], batch["s0"]
+    return h0, c0, s0
+
+
+def _run_finish(
+    g: BatchGraph,
+    tokens: np.ndarray,
+    h0: np.ndarray,
+    bundle: ScoringBundle,
+    rules_dir: str | None,
+    grid: np.ndarray,
+    batch_size: int,
+    min_actors: int,
+    max_actors: int,
+) -> tuple[Evaluated, dict]:
+    n = len(g.raw)
+    packed = np.column_stack(
+        [
+            np.arange(n),
+            g.raw,
+            g.limit,
+            g.struct.astype(np.float64),
+            tokens[:, :, 1:].reshape(n, -1).astype(np.float64),
+            h0.astype(np.float64),
+        ]
+    )
+    out = _dataset(packed, batch_size).map_batches(
+        _FinishActor,
+        fn_constructor_kwargs={
+            "run": str(bundle.run.root),
+            "policy": bundle.policy.model_dump(),
+            "rules_dir": rules_dir,
+            "grid": grid.tolist(),
+        },
+        batch_size=None,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        num_cpus=1,
+    )
+    gsize = len(grid)
+    curves = np.zeros((n, gsize), np.float32)
+    logit_std = np.zeros((n, gsize), np.float32)
+    p_factual, dsl, prob_std = np.zeros(n), np.zeros(n), np.zeros(n)
+    rule = np.full(n, None, dtype=object)
+    nodes: dict[str, int] = {}
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        idx = batch["idx"]
+        curves[idx], logit_std[idx] = batch["curves"], batch["logit_std"]
+        p_factual[idx], dsl[idx], prob_std[idx] = (
+            batch["p_factual"],
+            batch["dsl"],
+            batch["prob_std"],
+        )
+        rule[idx] = [r if r else None for r in batch["rule"]]
+        for node in batch["node"]:
+            nodes[node] = nodes.get(node, 0) + 1
+    ev = Evaluated(curves, logit_std, p_factual, dsl, prob_std, rule, np.zeros((n, 0)))
+    return ev, nodes
 
 
 def score_users(
-    run_dir: str | Path,
+    run: RunLayout | str | Path,
     data_dir: str | Path,
     out_dir: str | Path,
-    cfg: PipelineConfig | None = None,
+    policy: PolicyConfig | None = None,
     *,
-    grid: np.ndarray | None = None,
-    r_max: float | None = None,
+    as_of: str | pd.Timestamp | None = None,
+    rules_dir: str | Path | None = None,
+    registry: str | Path | None = None,
     store_uri: str | None = None,
-    rules_dir: str | None = None,
-    skip_unknown: bool = False,
+    promote: bool = False,
+    decide: bool = True,
+    batch_size: int = 16_384,
     min_actors: int = 1,
     max_actors: int = 2,
-    batch_size: int = 4096,
-    _fail_after: int | None = None,
 ) -> dict:
-    """Score every user of ``data_dir`` with the model of ``run_dir``; write ``out_dir``.
-
-    ``_fail_after`` makes every scoring actor crash after that many batches (fault injection for
-    the atomic-output test).
-    """
-    import ray
-    import ray.data
-
-    from creditgraph.data.load import load_dataset
-    from creditgraph.policy.clusters import clusters_for_dataset
-    from creditgraph.policy.decide import allocate_cluster_caps, check_grid
-    from creditgraph.serving.embed import build_embeddings, default_store_uri
-    from creditgraph.utils.io import read_json
-    from creditgraph.utils.runtime import init_ray
-
-    init_ray()
+    """Score every user of ``data_dir`` with the model of ``run``; write ``out_dir`` and publish
+    a snapshot in ``registry`` (default: the run's, beside it). ``decide=False`` makes only the
+    snapshot (no decisions, so no cluster caps: the snapshot says so)."""
+    require_ray("batch scoring")
     t0 = time.perf_counter()
-    cfg = cfg or PipelineConfig()
-    policy = cfg.policy if r_max is None else cfg.policy.model_copy(update={"r_max": r_max})
-    grid = check_grid(policy.grid.values() if grid is None else grid)
-    run = Path(run_dir).resolve()
-    uri = store_uri or default_store_uri(run)
-    model_fp = read_json(run / "model" / "model.json")["summary"]["fingerprint"]
-    meta = _store_meta(uri)
-    if meta is None or meta.get("model_fingerprint") != model_fp:
-        log.info("embedding store %s missing or stale: building it", uri)
-        build_embeddings(run, uri)
-
-    ds_in = load_dataset(data_dir, with_truth=False)  # validated, read through Ray Data
-    graph = read_json(run / "graph" / "manifest.json")
-    missing = sorted(set(graph["feature_names"]) - set(ds_in.feature_names))
-    if missing:
-        raise DataValidationError(
-            str(data_dir), missing[0], f"feature columns of the model are absent: {missing}"
-        )
-    id_col = ds_in.spec.id
-    table = pd.DataFrame({"user_id": ds_in.users[id_col].to_numpy(), "treatment": ds_in.treatment})
-    for f in graph["feature_names"]:
-        table[f] = ds_in.users[f].to_numpy()
-    clusters = (
-        clusters_for_dataset(ds_in, config=policy.clusters) if ds_in.links is not None else None
+    run = as_layout(run)
+    rules = None if rules_dir is None else str(Path(rules_dir).resolve())
+    bundle = ScoringBundle.load(run, policy, rules)
+    grid = bundle.policy.grid_values()
+    ds = load_dataset(data_dir, with_truth=False)
+    t_override = (
+        None if as_of is None else float(to_days(pd.DatetimeIndex([pd.Timestamp(as_of)]))[0])
     )
+    g = batch_graph(bundle, ds, t_override)
+    timings = {"load_and_graph": time.perf_counter() - t0}
 
-    blocks = max(1, len(table) // batch_size)
-    bounds = np.linspace(0, len(table), blocks + 1).astype(int)
-    ds = ray.data.from_pandas([table.iloc[a:b] for a, b in pairwise(bounds)])
-    scored = ds.map_batches(
-        _ScoreActor,
-        fn_constructor_kwargs={
-            "run_dir": str(run),
-            "store_uri": uri,
-            "grid": grid.tolist(),
-            "policy": policy.model_dump(),
-            "rules_dir": rules_dir,
-            "fail_after": _fail_after,
-        },
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        num_cpus=1,
-    ).materialize()
+    t1 = time.perf_counter()
+    h0, c0, s0 = _run_first(g, run, batch_size, min_actors, max_actors)
+    from creditgraph.model.infer import FirstHop
 
-    small = scored.select_columns(["user_id", "known", "demand", "scored_on"]).to_pandas()
-    per_node = small["scored_on"].value_counts()
-    small = small.set_index("user_id").reindex(table["user_id"]).reset_index()
-    unknown = ~small["known"].to_numpy(bool)
-    if unknown.any() and not skip_unknown:
-        rows = np.flatnonzero(unknown)[:5]
-        raise DataValidationError(
-            str(Path(data_dir) / ds_in.spec.users),
-            id_col,
-            "users unknown to the trained graph (score them with --skip-unknown, or retrain)",
-            rows=rows.tolist(),
-            examples=[repr(table["user_id"].iloc[r]) for r in rows],
-            count=int(unknown.sum()),
-        )
-    cluster_id = clusters.cluster_id if clusters is not None else np.full(len(table), -1, np.int64)
-    demand = np.nan_to_num(small["demand"].to_numpy(), nan=0.0)
-    user_cap = allocate_cluster_caps(demand, np.where(unknown, -1, cluster_id), policy.clusters)
-    caps = pd.DataFrame(
-        {"user_id": table["user_id"], "user_cap": user_cap, "cluster_id": cluster_id}
+    tokens = bundle.inference.propagate(FirstHop(h0, c0, s0), g.src, g.dst, g.weight)
+    timings["embed"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    ev, nodes = _run_finish(g, tokens, h0, bundle, rules, grid, batch_size, min_actors, max_actors)
+    timings["curves"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    clusters = build_clusters(
+        ds.links,
+        ds.n_users,
+        bundle.entities,
+        g.time,
+        history_days=bundle.policy.clusters.history_days or bundle.history_days,
+        min_size=bundle.policy.clusters.min_size,
+        split_above=bundle.policy.clusters.split_above,
     )
-    caps_ref = ray.put(caps.set_index("user_id"))
+    draws = None
+    if bundle.policy.exploration.share > 0:
+        salt = exploration_salt(bundle, g.time)
+        draws = exploration_draws(np.array([str(i) for i in g.ids]), salt)
+    upper = bundle.bound(ev, bundle.policy.r_max)
+    table = decide_all(
+        ev.curves,
+        grid,
+        dsl_score=ev.dsl,
+        cluster_id=clusters.cluster_id,
+        guardrail_hits=ev.rule,
+        config=bundle.policy,
+        bound=upper,
+        current=g.limit,
+        draws=draws,
+    )
+    timings["decide"] = time.perf_counter() - t3
 
-    def attach(batch: pd.DataFrame) -> pd.DataFrame:
-        c = ray.get(caps_ref).reindex(batch["user_id"])
-        batch["user_cap"] = c["user_cap"].to_numpy()
-        batch["cluster_id"] = c["cluster_id"].to_numpy()
-        return batch
-
-    final = scored.filter(lambda r: bool(r["known"])).map_batches(attach, batch_format="pandas")
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        final.map_batches(
-            _decide_rows,
-            fn_kwargs={"grid": grid.tolist(), "policy": policy.model_dump()},
-            batch_format="numpy",
-        ).write_parquet(str(tmp / "decisions.parquet"))
-        final.map_batches(
-            _long_curves, fn_kwargs={"grid": grid.tolist()}, batch_format="numpy"
-        ).write_parquet(str(tmp / "curves.parquet"))
-        decisions = pd.read_parquet(tmp / "decisions.parquet")
-        summary = {
-            "users_scored": len(decisions),
-            "users_unknown": int(unknown.sum()),
-            "grid_points": len(grid),
-            "r_max": policy.r_max,
-            "mean_limit": float(decisions["limit"].mean()) if len(decisions) else 0.0,
-            "binding_constraints": decisions["binding_constraint"].value_counts().to_dict(),
-            "clusters": 0 if clusters is None else int(clusters.n_clusters),
-            "nodes": {str(k): int(v) for k, v in per_node.items()},  # Ray node id -> users
-            "seconds": time.perf_counter() - t0,
-        }
-        write_json(tmp / "summary.json", summary)
-    _write_caps(uri, decisions)
-    log.info("scored %s users in %.0fs -> %s", f"{len(decisions):,}", summary["seconds"], out)
+    t4 = time.perf_counter()
+    decision_time = (EPOCH + pd.Timedelta(days=g.time)).isoformat()
+    snapshot_id = new_snapshot_id(decision_time)
+    reg = Registry.for_run(run, registry)
+    decisions = table.to_frame(g.ids)
+    decisions.insert(1, "p_factual", ev.p_factual)
+    decisions["decision_time"] = decision_time
+    decisions["snapshot"] = snapshot_id
+    decisions["model_version"] = bundle.model_version
+    counts = table.counts()
+    declined_by_cap = int(((table.binding_code == 5) & (table.limit == grid[0])).sum())
+    summary = {
+        "users_scored": len(decisions),
+        "decision_time": decision_time,
+        "snapshot": snapshot_id,
+        "model_version": bundle.model_version,
+        "grid": {"start": float(grid[0]), "stop": float(grid[-1]), "points": len(grid)},
+        "r_max": bundle.policy.r_max,
+        "mean_limit": float(table.limit.mean()) if len(table) else 0.0,
+        "granted_share": float((table.limit > grid[0]).mean()) if len(table) else 0.0,
+        "binding_constraints": counts,
+        "explored": int(np.isfinite(table.explore_factor).sum()),
+        "guarantee": bundle.guarantee(bundle.policy.r_max),
+        "declined_by_cluster_cap": declined_by_cap,
+        "clusters": int(clusters.n_clusters),
+        "edges": g.edge_stats,
+        "nodes": nodes,
+        "decided": decide,
+        "data_fingerprint": fingerprint(path_signature(data_dir)),
+    }
+    out = ScoreFiles(Path(out_dir))
+    with atomic_dir(out.dir) as tmp_dir:
+        tmp = ScoreFiles(tmp_dir)
+        if decide:
+            decisions.to_parquet(tmp.decisions, index=False)
+            _write_curves(tmp.curves, g.ids, grid, ev.curves, upper)
+        _publish(
+            reg, snapshot_id, bundle, ds, g, tokens, table, clusters, decide, store_uri, summary
+        )
+        summary["timings_s"] = {**timings, "write": time.perf_counter() - t4}
+        summary["seconds"] = time.perf_counter() - t0
+        write_json(tmp.manifest, summary)
+    if decide:
+        DecisionLog(reg.layout.root / "decision_log").append_batch(decisions, caller="batch")
+    if promote:
+        reg.promote(snapshot_id, by="score --promote")
+    log.info(
+        "scored %s users as of %s in %.0fs -> %s (snapshot %s%s)",
+        f"{len(decisions):,}",
+        decision_time[:10],
+        summary["seconds"],
+        out.dir,
+        snapshot_id,
+        ", promoted" if promote else "",
+    )
     return summary
 
 
-def _store_meta(uri: str) -> dict | None:
-    from creditgraph.serving.store import open_store
+def _write_curves(
+    path: Path, ids: np.ndarray, grid: np.ndarray, curves: np.ndarray, upper: np.ndarray | None
+) -> None:
+    """Long format: one row per user and grid limit, the calibrated risk and its upper bound."""
+    n, gsize = curves.shape
+    rep = np.repeat(ids, gsize)
+    columns = {
+        "user_id": pa.array(rep.tolist() if ids.dtype == object else rep),
+        "limit": np.tile(grid, n),
+        "p_default": np.asarray(curves, np.float32).reshape(-1),
+    }
+    if upper is not None:
+        columns["p_upper"] = np.asarray(upper, np.float32).reshape(-1)
+    pq.write_table(pa.table(columns), path)
 
-    try:
-        with open_store(uri) as store:
-            return store.get_json("meta")
-    except FileNotFoundError:
-        return None
 
+def _publish(
+    reg: Registry,
+    snapshot_id: str,
+    bundle: ScoringBundle,
+    ds: Dataset,
+    g: BatchGraph,
+    tokens: np.ndarray,
+    table,
+    clusters,
+    decided: bool,
+    store_uri: str | None,
+    summary: dict,
+) -> None:
+    """The snapshot: user records, entity records at T and cluster records, with metadata."""
+    dims = bundle.dims
+    schemas = records.schemas(dims)
+    n = len(g.ids)
+    users = np.zeros(n, dtype=schemas["user"])
+    users["raw"], users["limit"], users["as_of"] = g.raw, g.limit, g.as_of
+    users["struct"] = g.struct
+    users["tokens"] = tokens[:, :, 1:]
+    users["user_cap"] = table.user_cap if decided else np.inf
+    users["cluster_id"] = clusters.cluster_id if decided else -1
 
-def _write_caps(uri: str, decisions: pd.DataFrame) -> None:
-    """Per-user cluster caps for the online path (``cap``: [user_cap or inf, cluster_id])."""
-    from creditgraph.serving.store import open_store
+    state = entity_state(
+        ds.links, g.as_of, bundle.entities, bundle.history_days, g.time, bundle.salt,
+        bundle.entity_types,
+    )  # fmt: skip
+    ents = np.zeros(state.n_entities, dtype=schemas["entity"])
+    ents["type"], ents["n_window"], ents["n_cumulative"] = (
+        state.type_code, state.n_window, state.n_cumulative,
+    )  # fmt: skip
+    if state.n_entities and dims.hops:
+        incidence = sp.csr_matrix(
+            (np.ones(len(state.member_user), np.float32), (state.member_entity, state.member_user)),
+            shape=(state.n_entities, n),
+        )
+        flat = tokens[:, :, : dims.hops].reshape(n, -1)
+        ents["sums"] = np.asarray(incidence @ flat).reshape(
+            state.n_entities, 2, dims.hops, dims.hidden
+        )
+    ents["cluster_id"] = -1
+    if decided and len(state.member_user):
+        member_cluster = clusters.cluster_id[state.member_user]
+        frame = pd.DataFrame({"e": state.member_entity, "c": member_cluster})
+        frame = frame[frame["c"] >= 0]
+        if len(frame):
+            mode = frame.groupby("e")["c"].agg(lambda c: c.value_counts().index[0])
+            ents["cluster_id"][mode.index.to_numpy()] = mode.to_numpy()
 
-    with open_store(uri) as reader:
-        nodes = reader.get_arrays("node", decisions["user_id"].to_numpy())
-    keys = np.array([int(n[0]) for n in nodes], dtype=np.int64)
-    cap = np.nan_to_num(decisions["user_cap"].to_numpy(np.float64), nan=np.inf)
-    # float64: the online decision must reproduce the batch's exactly, even next to a grid point
-    values = np.stack([cap, decisions["cluster_id"].to_numpy(np.float64)], axis=1)
-    with open_store(uri, writable=True) as store:
-        store.bulk_load("cap", keys, values)
+    meta = {
+        "id": snapshot_id,
+        "schema_version": records.SCHEMA_VERSION,
+        "created": time.time(),
+        "decision_time": summary["decision_time"],
+        "decision_time_days": g.time,
+        "model_version": bundle.model_version,
+        "graph_version": bundle.graph_version,
+        "run": str(bundle.run.root),
+        "dataset": {"root": str(ds.root), "fingerprint": summary["data_fingerprint"], "users": n},
+        "entity_types": bundle.entity_types,
+        "history_days": bundle.history_days,
+        "policy": bundle.policy.model_dump(mode="json"),
+        "caps": {
+            "present": decided,
+            "clusters": int(clusters.n_clusters) if decided else 0,
+            "capped_users": int(np.isfinite(table.user_cap).sum()) if decided else 0,
+        },
+        "counts": {"users": n, "entities": state.n_entities, "supernodes": int(state.cut.sum())},
+        "store": {"uri": store_uri},
+    }
+    with reg.publish(snapshot_id, store_uri) as (files, store):
+        for ns, dtype in schemas.items():
+            store.put_schema(ns, dtype)
+        store.put_json("meta", {"id": snapshot_id, "schema_version": records.SCHEMA_VERSION})
+        store.bulk_load("user", g.ids, users)
+        if state.n_entities:
+            store.bulk_load("entity", state.key, ents)
+        if decided and clusters.n_clusters:
+            cids = np.arange(clusters.n_clusters)
+            crec = np.zeros(len(cids), dtype=schemas["cluster"])
+            crec["size"] = clusters.sizes
+            crec["cap"] = bundle.policy.clusters.cap_for_size(clusters.sizes)
+            inside = clusters.cluster_id >= 0
+            crec["granted"] = np.bincount(
+                clusters.cluster_id[inside], weights=table.limit[inside], minlength=len(cids)
+            )
+            store.bulk_load("cluster", cids, crec)
+        write_json(files.manifest, meta)

@@ -1,33 +1,32 @@
-"""The embedding store of the lambda architecture (seed 001, section 3.4).
+"""The key-value store of the lambda architecture (seed 001, section 3.4).
 
-A batch job computes user and entity embeddings (everything but the last hop) and writes them
-here; the online path reads only the requesting user's one-hop neighbourhood by key. One small
-interface, :class:`EmbeddingStore`, with two backends:
+A batch job writes a snapshot's records here; the online path reads only what one request needs
+by key. One small interface, :class:`RecordStore`, with two backends:
 
 - :class:`FileStore`: an embedded SQLite file (stdlib ``sqlite3``), no server. One table per
   namespace (``key TEXT PRIMARY KEY, value BLOB``). Built atomically by :meth:`FileStore.build`
-  (written to a temporary sibling, renamed on success), then opened read-only by any number of
-  processes (Ray Serve replicas).
+  (written to a temporary sibling, renamed on success), then opened read-only and *immutable* by
+  any number of processes: a published snapshot never changes, so SQLite takes no locks and
+  leaves no ``-wal``/``-shm`` files next to it.
 - :class:`RedisStore`: a Redis server. Keys ``{prefix}:{version}:{namespace}:{key}``; writes are
   pipelined in chunks, reads are one ``MGET``. :meth:`RedisStore.build` writes a new version and
-  switches ``{prefix}:current_version`` only after every write succeeded.
+  marks it published only after every write succeeded; a snapshot is one version.
 
-Keys are user or entity ids, ``int`` or ``str``; they are stored as text, so ``7`` and ``"7"``
-name the same entry (the same rule the data loader applies to ids). Values are numeric numpy
-arrays of any shape, encoded by :func:`encode_array` (a small header with dtype and shape, then
-the raw bytes; never pickle). :func:`open_store` and :func:`build_store` pick the backend from a
-URI: ``file:///path``, a plain path, or ``redis://host:port/db``.
+Keys are user ids, entity keys or cluster ids, ``int`` or ``str``, stored as text, so ``7`` and
+``"7"`` name the same entry (the data loader's rule for ids). Values are typed records: numpy
+structured arrays of one dtype per namespace (``serving/records.py``), stored as their raw bytes;
+the dtype is kept in the store's metadata (``schema``), never pickled. :func:`open_store` and
+:func:`build_store` pick the backend from a URI: ``file:///path``, a plain path, or
+``redis://host:port/db``.
 """
 
 from __future__ import annotations
 
 import abc
 import json
-import math
 import os
 import re
 import sqlite3
-import struct
 import threading
 import time
 import uuid
@@ -39,79 +38,19 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from creditgraph.serving import records
 from creditgraph.utils.io import atomic_file
 from creditgraph.utils.logs import get_logger
 
 log = get_logger(__name__)
 
 Key = int | str
-_MAGIC = b"CGA\x01"
-_MAX_NDIM = 32
 _NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,62}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # Redis prefix / version: no ':' or glob characters
-_ALLOWED_KINDS = "biufc"  # bool, signed, unsigned, float, complex: plain numbers only
 DEFAULT_CHUNK = 10_000
 PROGRESS_FROM = 100_000  # bulk loads at least this big show a progress bar
-
-
-# --------------------------------------------------------------------------- encoding
-def _header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    d = dtype.str.encode("ascii")
-    return (
-        _MAGIC + struct.pack("<B", len(d)) + d + struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
-    )
-
-
-def _check_dtype(dtype: np.dtype) -> None:
-    if dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
-        raise TypeError(f"only plain numeric arrays can be stored, got dtype {dtype}")
-
-
-def encode_array(arr: np.ndarray) -> bytes:
-    """``arr`` as bytes: magic, dtype string, ndim, shape (uint64), then the C-order data."""
-    arr = np.asarray(arr)
-    _check_dtype(arr.dtype)
-    if arr.ndim > _MAX_NDIM:
-        raise ValueError(f"at most {_MAX_NDIM} dimensions, got {arr.ndim}")
-    return _header(arr.dtype, arr.shape) + np.ascontiguousarray(arr).tobytes()
-
-
-def decode_array(blob: bytes | memoryview) -> np.ndarray:
-    """The inverse of :func:`encode_array`; raises ``ValueError`` on anything malformed."""
-    buf = memoryview(blob)
-    if len(buf) < 6 or bytes(buf[:4]) != _MAGIC:
-        raise ValueError("not an encoded array (bad magic)")
-    dlen = buf[4]
-    pos = 5 + dlen
-    if len(buf) < pos + 1:
-        raise ValueError("truncated array header")
-    try:
-        dtype = np.dtype(bytes(buf[5:pos]).decode("ascii"))
-    except (TypeError, ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"bad dtype in array header: {exc}") from exc
-    _check_dtype(dtype)
-    ndim = buf[pos]
-    pos += 1
-    if ndim > _MAX_NDIM or len(buf) < pos + 8 * ndim:
-        raise ValueError("truncated or invalid array shape")
-    shape = struct.unpack_from(f"<{ndim}Q", buf, pos)
-    pos += 8 * ndim
-    if math.prod(shape) * dtype.itemsize != len(buf) - pos:
-        raise ValueError("array payload does not match its shape and dtype")
-    # copy: callers get an ordinary writable array, not a view on the transport buffer
-    return np.frombuffer(buf[pos:], dtype=dtype).reshape(shape).copy()
-
-
-def _encode_many(arrays: Sequence[np.ndarray] | np.ndarray) -> list[bytes]:
-    if isinstance(arrays, np.ndarray):
-        if arrays.ndim == 0:
-            raise ValueError("arrays must be a sequence of arrays or an array of rows")
-        _check_dtype(arrays.dtype)
-        rows = np.ascontiguousarray(arrays)
-        head = _header(rows.dtype, rows.shape[1:])  # every row has the same header
-        return [head + r.tobytes() for r in rows]
-    return [encode_array(a) for a in arrays]
 
 
 # --------------------------------------------------------------------------- keys, names
@@ -148,12 +87,13 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 
 
 # --------------------------------------------------------------------------- interface
-class EmbeddingStore(abc.ABC):
-    """Arrays by (namespace, key), plus small JSON metadata (model version, dimensions...)."""
+class RecordStore(abc.ABC):
+    """Typed records by (namespace, key), plus small JSON metadata (schemas, versions...)."""
 
     chunk_size: int = DEFAULT_CHUNK
+    _dtypes: dict[str, np.dtype]  # record dtypes by namespace, read from the schema once
 
-    # backends implement these five on already-encoded values
+    # backends implement these on already-encoded values
     @abc.abstractmethod
     def _put_encoded(self, namespace: str, keys: list[str], values: list[bytes]) -> None: ...
 
@@ -184,73 +124,72 @@ class EmbeddingStore(abc.ABC):
         """Pick up a newer build published since opening; ``True`` if the view changed."""
         return False
 
-    # shared logic
-    def put_arrays(
-        self,
-        namespace: str,
-        keys: Sequence[Key] | np.ndarray,
-        arrays: Sequence[np.ndarray] | np.ndarray,
+    # --- schemas ------------------------------------------------------------------------
+    def put_schema(self, namespace: str, dtype: np.dtype) -> None:
+        """Declare the record dtype of ``namespace`` (before writing its records)."""
+        schema = dict(self.get_json("schema") or {})
+        schema[check_namespace(namespace)] = records.dtype_to_json(dtype)
+        self.put_json("schema", schema)
+        self._dtypes[namespace] = np.dtype(dtype)
+
+    def dtype(self, namespace: str) -> np.dtype:
+        """The record dtype of ``namespace`` as written by the batch job."""
+        if namespace not in self._dtypes:
+            schema = self.get_json("schema") or {}
+            if namespace not in schema:
+                raise KeyError(f"namespace {namespace!r} has no schema in this store")
+            self._dtypes[namespace] = records.dtype_from_json(schema[namespace])
+        return self._dtypes[namespace]
+
+    # --- records ------------------------------------------------------------------------
+    def put_records(
+        self, namespace: str, keys: Sequence[Key] | np.ndarray, values: np.ndarray
     ) -> None:
-        """Store one array per key (shapes may differ; dtype is preserved; keys are upserted).
+        """Store one record per key (upserted); ``values`` has the namespace's dtype."""
+        self.bulk_load(namespace, keys, values, progress=False)
 
-        ``arrays`` is a sequence of arrays, or one array whose rows are the values.
-        """
-        check_namespace(namespace)
-        skeys = _keys(keys)
-        if len(skeys) != len(arrays):
-            raise ValueError(f"{len(skeys)} keys but {len(arrays)} arrays")
-        for sl in _chunks(len(skeys), self.chunk_size):
-            self._put_encoded(namespace, skeys[sl], _encode_many(arrays[sl]))
-
-    def get_arrays(
+    def get_records(
         self, namespace: str, keys: Sequence[Key] | np.ndarray
-    ) -> list[np.ndarray | None]:
-        """The arrays stored under ``keys``, in order; ``None`` for unknown keys."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(records, found)`` for ``keys``, in order; unknown keys give a zeroed record."""
         check_namespace(namespace)
+        dtype = self.dtype(namespace)
         skeys = _keys(keys)
-        out: list[np.ndarray | None] = []
+        values: list[bytes | None] = []
         for sl in _chunks(len(skeys), self.chunk_size):
-            out.extend(
-                None if b is None else decode_array(b)
-                for b in self._get_encoded(namespace, skeys[sl])
-            )
-        return out
-
-    def get_array(self, namespace: str, key: Key) -> np.ndarray | None:
-        """One array, or ``None``."""
-        return self.get_arrays(namespace, [key])[0]
+            values.extend(self._get_encoded(namespace, skeys[sl]))
+        return records.decode(values, dtype)
 
     def bulk_load(
         self,
         namespace: str,
         keys: Sequence[Key] | np.ndarray,
-        arrays: Sequence[np.ndarray] | np.ndarray,
+        values: np.ndarray,
         *,
         chunk_size: int | None = None,
         progress: bool | None = None,
     ) -> int:
-        """Write many keys in batched chunks (one transaction / pipeline per chunk).
+        """Write many records in batched chunks (one transaction / pipeline per chunk).
 
-        ``arrays`` is typically a ``[n, d]`` matrix (one row per key). A progress bar shows for
-        loads of at least 100,000 keys unless ``progress`` says otherwise. Returns the keys written.
+        A progress bar shows for loads of at least 100,000 keys unless ``progress`` says
+        otherwise. Returns the number of keys written.
         """
-        from tqdm.auto import tqdm
-
         check_namespace(namespace)
+        dtype = self.dtype(namespace)
         n = len(keys)
-        if n != len(arrays):
-            raise ValueError(f"{n} keys but {len(arrays)} arrays")
+        if n != len(values):
+            raise ValueError(f"{n} keys but {len(values)} records")
         size = chunk_size or self.chunk_size
         show = n >= PROGRESS_FROM if progress is None else progress
         t0 = time.perf_counter()
         with tqdm(total=n, desc=f"store {namespace}", unit="key", disable=not show) as bar:
             for sl in _chunks(n, size):
-                self._put_encoded(namespace, _keys(keys[sl]), _encode_many(arrays[sl]))
+                self._put_encoded(namespace, _keys(keys[sl]), records.encode(values[sl], dtype))
                 bar.update(sl.stop - sl.start)
         log.debug("stored %d keys in %s in %.1fs", n, namespace, time.perf_counter() - t0)
         return n
 
-    def __enter__(self) -> EmbeddingStore:
+    def __enter__(self) -> RecordStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -262,14 +201,14 @@ def _table(namespace: str) -> str:
     return f'"ns_{check_namespace(namespace)}"'
 
 
-class FileStore(EmbeddingStore):
+class FileStore(RecordStore):
     """An embedded store in one SQLite file.
 
-    Open an existing store read-only (the default; any number of processes may do so at once),
-    or ``writable=True`` to create/update it in place (WAL mode, each call one transaction; for
-    small incremental updates). Batch jobs should use :meth:`build`, which makes the new store
-    appear atomically. A reader keeps its snapshot until :meth:`refresh` (the old file stays
-    readable through its open handle after a rebuild renames a new one over it).
+    Open an existing store read-only (the default; any number of processes may do so at once;
+    ``immutable=True``, the default for read-only opens, tells SQLite the file never changes, so
+    it takes no locks and writes no ``-wal``/``-shm`` files) or ``writable=True`` to create or
+    update it in place (WAL mode, each call one transaction). Batch jobs use :meth:`build`, which
+    makes the new store appear atomically. A reader keeps its view until :meth:`refresh`.
     """
 
     def __init__(
@@ -277,11 +216,14 @@ class FileStore(EmbeddingStore):
         path: str | Path,
         *,
         writable: bool = False,
+        immutable: bool = True,
         chunk_size: int = DEFAULT_CHUNK,
         _building: bool = False,
     ):
+        self._dtypes = {}
         self.path = Path(path)
         self.writable = writable or _building
+        self.immutable = immutable and not self.writable
         self.chunk_size = chunk_size
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
@@ -303,8 +245,8 @@ class FileStore(EmbeddingStore):
             conn.execute("CREATE TABLE IF NOT EXISTS _meta (key TEXT PRIMARY KEY, value TEXT)")
         else:
             if not self.path.is_file():
-                raise FileNotFoundError(f"embedding store {self.path} not found")
-            uri = f"file:{self.path.resolve()}?mode=ro"
+                raise FileNotFoundError(f"store {self.path} not found")
+            uri = f"file:{self.path.resolve()}?mode=ro" + ("&immutable=1" if self.immutable else "")
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         self._conn = conn
         self._inode = self.path.stat().st_ino
@@ -319,12 +261,12 @@ class FileStore(EmbeddingStore):
     @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise RuntimeError(f"embedding store {self.path} is closed")
+            raise RuntimeError(f"store {self.path} is closed")
         return self._conn
 
     def _require_writable(self) -> None:
         if not self.writable:
-            raise PermissionError(f"embedding store {self.path} is open read-only")
+            raise PermissionError(f"store {self.path} is open read-only")
 
     def _put_encoded(self, namespace: str, keys: list[str], values: list[bytes]) -> None:
         self._require_writable()
@@ -434,7 +376,7 @@ class FileStore(EmbeddingStore):
                 store.close()
             fh.flush()
             os.fsync(fh.fileno())
-        log.info("embedding store written to %s", path)
+        log.debug("store written to %s", path)
 
 
 # --------------------------------------------------------------------------- Redis
@@ -442,7 +384,7 @@ def _new_version() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
-class RedisStore(EmbeddingStore):
+class RedisStore(RecordStore):
     """A store on a Redis server, versioned so a new batch can be published atomically.
 
     Every key lives under a version: ``{prefix}:{version}:{namespace}:{key}``, metadata under
@@ -464,6 +406,7 @@ class RedisStore(EmbeddingStore):
         for what, value in (("key prefix", prefix), ("version", version)):
             if value is not None and not _TOKEN.match(value):
                 raise ValueError(f"invalid {what} {value!r}: use letters, digits, '_', '.', '-'")
+        self._dtypes = {}
         self.url = url
         self.prefix = prefix
         self.chunk_size = chunk_size
@@ -592,7 +535,7 @@ class RedisStore(EmbeddingStore):
             old = store.versions()[:-1]
             for v in old[: max(0, len(old) - keep)]:
                 store.drop_version(v)
-            log.info("embedding store version %s published at %s", version, _redact(url))
+            log.debug("store version %s published at %s", version, _redact(url))
         finally:
             store.close()
 
@@ -604,58 +547,6 @@ def _redact(url: str) -> str:
         netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
-
-
-@contextmanager
-def local_redis(workdir: str | Path, *, timeout: float = 20.0) -> Iterator[str]:
-    """A throwaway ``redis-server`` on a free loopback port (no persistence); yields its URL.
-
-    For tests, benchmarks and demos. Raises ``FileNotFoundError`` when ``redis-server`` is not
-    installed (Debian: ``apt-get install redis-server``), ``RuntimeError`` if it does not answer.
-    """
-    import shutil
-    import socket
-    import subprocess
-
-    import redis
-
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise FileNotFoundError(
-            "redis-server is not on PATH; install it (Debian: apt-get install -y redis-server)"
-        )
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    logfile = workdir / "redis.log"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    cmd += ["--dir", str(workdir), "--logfile", str(logfile)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
-                raise RuntimeError(f"redis-server did not start on port {port}:\n{tail}")
-            time.sleep(0.05)
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # --------------------------------------------------------------------------- URIs
@@ -677,7 +568,7 @@ def _parse(uri: str | Path) -> tuple[str, Any, dict[str, str]]:
     return "file", Path(text), {}
 
 
-def open_store(uri: str | Path, *, writable: bool = False, **kwargs: Any) -> EmbeddingStore:
+def open_store(uri: str | Path, *, writable: bool = False, **kwargs: Any) -> RecordStore:
     """Open a store: ``file:///path`` or a path -> :class:`FileStore` (read-only unless
     ``writable``), ``redis://host:port/db[?prefix=cg&version=v]`` -> :class:`RedisStore` (always
     writable, under the published or the given version)."""
@@ -688,7 +579,7 @@ def open_store(uri: str | Path, *, writable: bool = False, **kwargs: Any) -> Emb
 
 
 @contextmanager
-def build_store(uri: str | Path, **kwargs: Any) -> Iterator[EmbeddingStore]:
+def build_store(uri: str | Path, **kwargs: Any) -> Iterator[RecordStore]:
     """Write a complete new store at ``uri``, visible to readers only if the block succeeds."""
     backend, target, opts = _parse(uri)
     builder = RedisStore.build(target, **opts, **kwargs) if backend == "redis" else None

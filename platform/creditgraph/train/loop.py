@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -62,29 +60,18 @@ def _steps(it, per_step: int):
         yield buf
 
 
-def _heartbeat(folder: str | None, rank: int, epoch: int, restored_from: int | None) -> None:
-    """``worker{rank}.json``: where (process, host, Ray node) and at which epoch a worker is."""
-    if not folder:
-        return
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node of every rank, in rank order (where the training actually ran)."""
     import ray
 
-    path = Path(folder) / f"worker{rank}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "node_id": ray.get_runtime_context().get_node_id(),
-                "rank": rank,
-                "epoch": epoch,
-                "restored_from": restored_from,
-                "time": time.time(),
-            }
-        )
-    )
-    tmp.replace(path)
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    import torch.distributed as dist
+
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
 
 
 def _allreduce(values: dict[str, float], weights: dict[str, float], world: int) -> dict[str, float]:
@@ -188,8 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         restored_from = int(state["epoch"])
 
     it = ray.train.get_dataset_shard("shards")
+    nodes = _worker_nodes(world)
     for epoch in range(start, cfg.epochs):
-        _heartbeat(config.get("heartbeat_dir"), rank, epoch, restored_from)
         t0 = time.perf_counter()
         beta, lam, ipw = cfg.weights(epoch)
         w = LossWeights(beta=beta, lam=lam, ipw=ipw)
@@ -225,6 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_seconds": totals["seconds"],
             "restored_from_epoch": -1 if restored_from is None else restored_from,
             "world_size": world,
+            "worker_nodes": nodes,
         }
         history.append(metrics)
         stop = bad_epochs >= cfg.patience or epoch == cfg.epochs - 1

@@ -2,45 +2,51 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.data
+import ray.train
 import torch
+from ray.train.torch import TorchTrainer
 
+from creditgraph.causal.artifacts import PretrainArtifacts
 from creditgraph.graph.artifacts import GraphArtifacts
-from creditgraph.graph.partition import SHARD_DIR, load_shard, shard_paths
+from creditgraph.graph.features import FeatureStandardizer
+from creditgraph.graph.partition import load_shard, shard_paths
+from creditgraph.layout import ModelFiles, RunLayout, as_layout
 from creditgraph.model.artifact import save_model
 from creditgraph.model.config import ModelConfig
+from creditgraph.model.infer import Inference
 from creditgraph.model.net import CreditGraphNet, ModelSpec
-from creditgraph.model.predict import DSLStats, Predictor, predict_shards
+from creditgraph.model.predict import DSLStats
 from creditgraph.train.config import TrainConfig
 from creditgraph.train.loop import STATE_FILE, train_loop_per_worker
 from creditgraph.utils.io import atomic_dir, fingerprint, read_json
 from creditgraph.utils.logs import get_logger
+from creditgraph.utils.runtime import require_ray
 
 log = get_logger(__name__)
 
-MODEL_DIR = "model"
 
-
-def _pretrain(run_dir: Path):
-    from creditgraph.causal.pretrain import PretrainArtifacts
-
+def _pretrain(run: RunLayout) -> PretrainArtifacts | None:
     try:
-        return PretrainArtifacts.load(run_dir)
+        return PretrainArtifacts.load(run)
     except FileNotFoundError:
-        log.warning("no pretraining artifacts in %s: alpha = 0, no DAG, no GBDT leaves", run_dir)
+        log.warning("no pretraining artifacts in %s: alpha = 0, no DAG, no GBDT leaves", run.root)
         return None
 
 
 def initial_model(
-    run_dir: str | Path, model_cfg: ModelConfig
-) -> tuple[CreditGraphNet, GraphArtifacts, object]:
+    run: RunLayout | str | Path, model_cfg: ModelConfig
+) -> tuple[CreditGraphNet, GraphArtifacts, PretrainArtifacts | None]:
     """The untrained model with its data-fitted buffers and frozen pretraining outputs attached."""
-    run_dir = Path(run_dir)
-    art = GraphArtifacts.load(run_dir)
-    pre = _pretrain(run_dir)
+    run = as_layout(run)
+    art = GraphArtifacts.load(run)
+    pre = _pretrain(run)
     leaf_vocab = None
     if pre is not None and model_cfg.use_leaves:
         leaf_vocab = (np.asarray(pre.leaves).max(axis=0) + 1).astype(int).tolist()
@@ -75,32 +81,24 @@ def teacher_logits(pre) -> np.ndarray:
     return np.log(p / (1 - p)).astype(np.float32)
 
 
-def shard_dataset(run_dir: str | Path, model: CreditGraphNet):
+def shard_dataset(run: RunLayout, model: CreditGraphNet, pre: PretrainArtifacts | None):
     """Ray Data dataset of shards: one row per shard file, arrays loaded by Ray Data tasks.
-
 
     Rows also carry the per-node extras the model needs from pretraining (GBDT leaves, the
     teacher's logit), gathered by global node id inside the Ray Data task.
     """
-    import ray.data
-
-    pre_dir = Path(run_dir) / "pretrain"
-    leaves_path = str(pre_dir / "leaves.npy") if model.spec.leaf_vocab is not None else None
-    prior_ref = None
-    if model.prior_dim:
-        from creditgraph.causal.pretrain import PretrainArtifacts
-
-        prior_ref = ray.put(teacher_logits(PretrainArtifacts.load(run_dir)))
+    leaves_path = str(run.pretrain.leaves) if model.spec.leaf_vocab is not None else None
+    prior = teacher_logits(pre) if model.prior_dim and pre is not None else None
 
     def load_row(row: dict) -> dict:
         shard = load_shard(row["path"])
         if leaves_path:
             shard["leaves"] = np.asarray(np.load(leaves_path, mmap_mode="r")[shard["nodes"]])
-        if prior_ref is not None:
-            shard["prior"] = ray.get(prior_ref)[shard["nodes"]]
+        if prior is not None:
+            shard["prior"] = prior[shard["nodes"]]
         return shard
 
-    paths = [str(p.resolve()) for p in shard_paths(run_dir)]
+    paths = [str(p.resolve()) for p in shard_paths(run)]
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     # Shards are loaded once into the object store (distributed over the cluster's nodes); each
     # epoch then streams every worker its equal share in a fresh random block order, with no task
@@ -120,73 +118,75 @@ def model_extras(model: CreditGraphNet, pre) -> dict[str, np.ndarray | None]:
 
 
 def fit_dsl_stats(
-    run_dir: Path,
+    run: RunLayout,
     model: CreditGraphNet,
     art: GraphArtifacts,
-    pre,
+    pre: PretrainArtifacts | None,
     seed: int,
     max_users: int = 20_000,
 ) -> DSLStats:
     """Reference distributions of the DSL score from (a sample of) the training users.
 
     Model uncertainty is measured on a fixed grid (0 to the 99th percentile of the training
-    limits) stored with the statistics, so scores on any decision grid stay comparable.
+    limits) stored with the statistics, so scores on any decision grid stay comparable. The
+    users are scored exactly as every later caller scores them (:class:`Inference`).
     """
     rng = np.random.default_rng(seed)
     train = np.flatnonzero(art.split_mask("train"))
-    keep = np.zeros(art.n_users, dtype=bool)
-    keep[rng.choice(train, size=min(max_users, len(train)), replace=False)] = True
+    rows = np.sort(rng.choice(train, size=min(max_users, len(train)), replace=False))
     limits = art.users["treatment"].to_numpy()[train]
     top = float(np.quantile(limits[limits > 0], 0.99)) if (limits > 0).any() else 1.0
     unc_grid = np.linspace(0.0, top, 11)
-    predictor = Predictor(model, unc_grid, unc_grid=unc_grid, seed=seed)
-    out = predict_shards(predictor, shard_paths(run_dir), keep, **model_extras(model, pre))
-    return DSLStats.fit(out["rep"], out["mc_std"], unc_grid)
+    std = FeatureStandardizer.from_records(
+        art.feature_stats, clip_z=art.manifest["config"]["clip_z"]
+    )
+    inference = Inference(model, std, None if pre is None else pre.teacher(), seed=seed)
+    limit = art.users["treatment"].to_numpy(np.float64)
+    first = inference.first(art.raw, limit, art.struct)
+    tokens = inference.propagate(first, art.src, art.dst, art.weight)
+    fin = inference.finish(
+        art.raw[rows], limit[rows], art.struct[rows], tokens[rows, :, 1:], h0=first.h0[rows]
+    )
+    prob_std, _ = inference.uncertainty(fin.x, unc_grid)
+    return DSLStats.fit(fin.rep, prob_std, unc_grid)
 
 
 def run_training(
-    run_dir: str | Path,
+    run: RunLayout | str | Path,
     model_cfg: ModelConfig | None = None,
     train_cfg: TrainConfig | None = None,
-    *,
-    out_name: str = MODEL_DIR,
-    heartbeat_dir: str | Path | None = None,
-    reuse: bool = False,
+    out: ModelFiles | None = None,
 ) -> dict:
-    """Train with Ray Train and write ``RUN/<out_name>`` (best weights, config, history).
+    """Train with Ray Train and write ``out`` (default ``RUN/model``): best weights, config, history.
 
-    With ``reuse``, a model already in ``RUN/<out_name>`` trained from the same graph and configs
-    is kept. A driver restarted with the same inputs and configs resumes from the latest Ray Train
-    checkpoint of its previous attempt (same storage path and run name).
+    A driver restarted with the same inputs and configs resumes from the latest Ray Train
+    checkpoint of its previous attempt (same storage path and run name). Reuse of a finished
+    model is the pipeline's business (``creditgraph.pipeline``), not this function's.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from creditgraph.utils.runtime import init_ray
-
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
-    run_dir = Path(run_dir).resolve()
-    init_ray()
-    shards_manifest = read_json(run_dir / SHARD_DIR / "manifest.json")
+    run = as_layout(run)
+    out = out or run.model
+    require_ray("training")
+    shards_manifest = read_json(run.shards.manifest)
     if shards_manifest["hops"] < model_cfg.hops:
         raise ValueError(
             f"shards have {shards_manifest['hops']} shadow hops but the model needs {model_cfg.hops}: "
             "re-partition with partition.hops >= model.hops"
         )
     t0 = time.perf_counter()
-    model, art, pre = initial_model(run_dir, model_cfg)
+    model, art, pre = initial_model(run, model_cfg)
     use_gpu = train_cfg.use_gpu
     if use_gpu is None:
         use_gpu = bool(ray.cluster_resources().get("GPU", 0) >= train_cfg.num_workers)
-    fp = fingerprint(
-        art.manifest["fingerprint"], model_cfg.model_dump(), train_cfg.model_dump(), out_name
+    # the checkpoint run name: same inputs and configs resume the same Ray Train run
+    resume_key = fingerprint(
+        art.manifest["fingerprint"],
+        None if pre is None else pre.manifest.get("summary"),
+        model_cfg.model_dump(),
+        train_cfg.model_dump(),
     )
-    done = run_dir / out_name / "model.json"
-    if reuse and done.exists() and read_json(done).get("summary", {}).get("fingerprint") == fp:
-        log.info("reusing %s (same graph and configs)", run_dir / out_name)
-        return read_json(done)["summary"]
-    storage = train_cfg.storage_path or str(run_dir / "checkpoints")
+    storage = train_cfg.storage_path or str(run.checkpoints)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -194,7 +194,6 @@ def run_training(
             "train": train_cfg.model_dump(),
             "spec": model.spec.model_dump(),
             "init_state": model.state_dict(),
-            "heartbeat_dir": str(heartbeat_dir) if heartbeat_dir else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=train_cfg.num_workers,
@@ -202,16 +201,16 @@ def run_training(
             resources_per_worker={"CPU": train_cfg.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=f"{out_name}-{fp}",
+            name=f"{out.dir.name}-{resume_key}",
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"shards": shard_dataset(run_dir, model)},
+        datasets={"shards": shard_dataset(run, model, pre)},
     )
     log.info(
         "training %s on %d Ray Train worker(s)%s, %d epochs max",
-        out_name,
+        out.dir.name,
         train_cfg.num_workers,
         " (GPU)" if use_gpu else "",
         train_cfg.epochs,
@@ -221,9 +220,9 @@ def run_training(
         raise RuntimeError(f"training failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    history = __import__("json").loads(state["history"])
+    history = json.loads(state["history"])
     model.load_full_state(state["best_model"] if state["best_model"] is not None else state["ema"])
-    dsl_stats = fit_dsl_stats(run_dir, model, art, pre, train_cfg.seed)
+    dsl_stats = fit_dsl_stats(run, model, art, pre, train_cfg.seed)
     seconds = time.perf_counter() - t0
     restored = sorted({h["restored_from_epoch"] for h in history if h["restored_from_epoch"] >= 0})
     summary = {
@@ -233,16 +232,19 @@ def run_training(
         "workers": train_cfg.num_workers,
         "seconds": seconds,
         "owned_nodes_per_s": float(np.median([h["owned_nodes_per_s"] for h in history])),
-        "fingerprint": fp,
+        "checkpoint_run": f"{out.dir.name}-{resume_key}",
+        "worker_nodes": history[-1].get("worker_nodes", []),
     }
-    with atomic_dir(run_dir / out_name) as tmp:
-        save_model(
-            tmp, model, {"train": train_cfg.model_dump(), "history": history, "summary": summary}
+    with atomic_dir(out.dir) as tmp_dir:
+        summary["version"] = save_model(
+            tmp_dir,
+            model,
+            {"train": train_cfg.model_dump(), "history": history, "summary": summary},
         )
-        dsl_stats.save(tmp)
+        dsl_stats.save(tmp_dir)
     log.info(
         "trained %s: %d epochs, best val BCE %.4f, %.0f owned nodes/s, %.0fs",
-        out_name,
+        out.dir.name,
         summary["epochs_run"],
         summary["best_val_loss"],
         summary["owned_nodes_per_s"],
