@@ -2,6 +2,9 @@
 
 Each size runs in a fresh process (its own local Ray runtime) so peak memory is per size. The
 claim: the cost grows about linearly (10x the users for at most ~12x the time).
+
+Environment: BENCH_GRAPH_SIZES (comma-separated user counts, default "100000,1000000"; e.g.
+"2000,20000" for a quick check).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def _one(n: int, root: Path) -> dict:
 
 
 def main() -> None:
+    load_before = os.getloadavg()[0]
     results = {}
     for n in SIZES:
         with tempfile.TemporaryDirectory(prefix=f"bench_graph_{n}_") as tmp:
@@ -90,6 +94,10 @@ def main() -> None:
             f"({verdict} the <= {12 * (b / a) / 10:.0f}x goal). Per-stage peak RSS covers the driver "
             "and its Ray worker processes. Each size runs in a fresh process with a local Ray runtime."
         )
+    body += (
+        f"\n\n1-minute load average {load_before:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores."
+    )
     write_section(
         "Foundation: simulate, validate, build, partition", body, "benchmarks/bench_graph.py"
     )

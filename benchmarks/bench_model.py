@@ -4,7 +4,13 @@ throughput with 1 and 2 workers.
 
 Environment overrides: BENCH_MODEL_USERS (default 50000), BENCH_MODEL_SEEDS (default "0,1,2"),
 BENCH_MODEL_EPOCHS (default: the pipeline default), BENCH_MODEL_ABLATIONS (comma-separated names from
-``creditgraph.evaluate.run.ABLATIONS``).
+``creditgraph.evaluate.run.ABLATIONS``), BENCH_MODEL_THROUGHPUT_EPOCHS (epochs of each Ray Train
+throughput run, default 3). A tiny run to check the script: ``BENCH_MODEL_USERS=3000
+BENCH_MODEL_SEEDS=0 BENCH_MODEL_EPOCHS=1 BENCH_MODEL_ABLATIONS=towers_no_graph
+BENCH_MODEL_THROUGHPUT_EPOCHS=1``.
+
+The throughput runs train into ``RUN/ablations/throughput_w{1,2}`` of the first seed's run (a
+temporary folder), never over its model.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from benchmarks._report import markdown_table, write_section
 from creditgraph.config import PipelineConfig
 from creditgraph.data.simulate import SimulationConfig, simulate_to_dir
 from creditgraph.evaluate.run import HEADLINE
+from creditgraph.layout import RunLayout
 from creditgraph.pipeline import run_pipeline
 from creditgraph.train.trainer import run_training
 from creditgraph.utils.runtime import init_ray
@@ -28,6 +35,7 @@ from creditgraph.utils.runtime import init_ray
 USERS = int(os.environ.get("BENCH_MODEL_USERS", "50000"))
 SEEDS = [int(s) for s in os.environ.get("BENCH_MODEL_SEEDS", "0,1,2").split(",")]
 EPOCHS = os.environ.get("BENCH_MODEL_EPOCHS")
+THROUGHPUT_EPOCHS = int(os.environ.get("BENCH_MODEL_THROUGHPUT_EPOCHS", "3"))
 # the issue's ablations by default; any of creditgraph.evaluate.run.ABLATIONS can be named
 ABLATIONS = os.environ.get(
     "BENCH_MODEL_ABLATIONS", "towers_no_graph,no_interference,no_ipw,no_dsl,no_alpha"
@@ -46,13 +54,18 @@ def _config() -> PipelineConfig:
 def _throughput(run: Path, cfg: PipelineConfig) -> list[dict]:
     rows = []
     for workers in (1, 2):
-        tc = cfg.train.model_copy(update={"num_workers": workers, "epochs": 3, "patience": 10})
-        summary = run_training(run, cfg.model, tc, out_name=f"throughput_w{workers}")
+        tc = cfg.train.model_copy(
+            update={"num_workers": workers, "epochs": THROUGHPUT_EPOCHS, "patience": 10}
+        )
+        out = RunLayout(run).ablation(f"throughput_w{workers}")
+        summary = run_training(run, cfg.model, tc, out)
         rows.append(
             {
                 "workers": workers,
                 "owned nodes/s (median epoch)": round(summary["owned_nodes_per_s"]),
-                "wall s (3 epochs, incl. start-up)": round(summary["seconds"], 1),
+                f"wall s ({THROUGHPUT_EPOCHS} epochs, incl. start-up)": round(
+                    summary["seconds"], 1
+                ),
             }
         )
     return rows

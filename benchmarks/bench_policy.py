@@ -4,7 +4,11 @@ Clusters from the simulated links (about 5-6M rows) as of the latest ``as_of``: 
 components with networkx (the default) and with scipy, with the default 90-day window and with
 the whole past (where benign sharing percolates into a giant component that Louvain splits).
 Then :func:`decide` on 1M users x 51 grid limits with those clusters, DSL scores and guardrail
-hits, and the per-call cost of :func:`online_decision`.
+hits, and the per-call cost of :func:`online_decision`. The policy is the default one on an
+explicit grid (0 to 50,000 in steps of 1,000) with the cluster caps resolved for a median limit
+of 10,000 (a run resolves both from its own limit scale).
+
+Environment: BENCH_POLICY_USERS (default 1,000,000; e.g. 20000 for a quick check).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from benchmarks._measure import stage
 from benchmarks._report import markdown_table, write_section
 
 N_USERS = int(os.environ.get("BENCH_POLICY_USERS", "1000000"))
+GRID = {"start": 0.0, "stop": 50_000.0, "step": 1_000.0}
+MEDIAN_LIMIT = 10_000.0
 
 
 def _links(n: int) -> tuple[pd.DataFrame, float, dict]:
@@ -40,7 +46,7 @@ def _links(n: int) -> tuple[pd.DataFrame, float, dict]:
 
 def main() -> None:
     from creditgraph.policy.clusters import build_clusters
-    from creditgraph.policy.config import PolicyConfig
+    from creditgraph.policy.config import GridConfig, PolicyConfig
     from creditgraph.policy.decide import decide, online_decision
 
     res: dict = {}
@@ -91,8 +97,8 @@ def main() -> None:
         for w, s in ((90.0, 200), (None, None))
     )
 
-    cfg = PolicyConfig()
-    grid = cfg.grid.values()
+    cfg = PolicyConfig(grid=GridConfig(**GRID)).resolve({"median_positive": MEDIAN_LIMIT})
+    grid = cfg.grid_values()
     rng = np.random.default_rng(0)
     base = rng.uniform(0.0, 0.12, N_USERS)[:, None].astype(np.float32)
     slope = rng.uniform(0.0, 0.15, N_USERS)[:, None].astype(np.float32)

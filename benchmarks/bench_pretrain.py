@@ -9,7 +9,13 @@ runtime with all cores. Ray start-up is outside the timing; worker start-up and 
 
 DAG: our hill climbing against pgmpy's ``HillClimbSearch`` on (a) a simulated 30-node
 linear-Gaussian DAG (BIC-Gaussian) and (b) pgmpy's ``alarm`` network (37 discrete nodes,
-BIC-discrete, shipped with pgmpy, no download), plus our search alone on 120 nodes.
+BIC-discrete, shipped with pgmpy, no download), plus our search alone on 120 nodes. Ours runs
+twice: plain hill climbing (``restarts=0``, pgmpy's search) and the pipeline's default iterated
+local search (``restarts=20``).
+
+Environment (sizes): BENCH_PRETRAIN_USERS (200,000), BENCH_PRETRAIN_FEATURES (40),
+BENCH_PRETRAIN_DAG_NODES (30), BENCH_PRETRAIN_DAG_ROWS (5,000), BENCH_PRETRAIN_BIG_NODES (120),
+BENCH_PRETRAIN_RESTARTS (20).
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from benchmarks._report import markdown_table, write_section
 N_USERS = int(os.environ.get("BENCH_PRETRAIN_USERS", "200000"))
 N_FEATURES = int(os.environ.get("BENCH_PRETRAIN_FEATURES", "40"))
 DAG_NODES = int(os.environ.get("BENCH_PRETRAIN_DAG_NODES", "30"))
-DAG_ROWS = 5000
-RESTARTS = 20
+DAG_ROWS = int(os.environ.get("BENCH_PRETRAIN_DAG_ROWS", "5000"))
+BIG_NODES = int(os.environ.get("BENCH_PRETRAIN_BIG_NODES", "120"))
+RESTARTS = int(os.environ.get("BENCH_PRETRAIN_RESTARTS", "20"))
 
 
 def dml_data(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +139,7 @@ def _rows(name: str, X: np.ndarray, df: pd.DataFrame, true: np.ndarray, kind: st
     A, s = _pgmpy(df, score, mp)
     runs.append(("pgmpy HillClimbSearch", A, s))
     for r in (0, RESTARTS):
-        m = HillClimbDAG(score=kind, max_parents=mp, restarts=r, seed=0).fit(X)
+        m = HillClimbDAG(score=kind, max_parents=mp, restarts=r, random_state=0).fit(X)
         label = "ours (plain)" if r == 0 else f"ours ({r} restarts)"
         runs.append((label, m.adjacency_, m.fit_seconds_))
     out = []
@@ -181,14 +188,14 @@ def bench_dag() -> tuple[str, list[dict]]:
         df = pd.DataFrame(X, columns=[f"x{i}" for i in range(DAG_NODES)])
         rows += _rows(f"linear-Gaussian {DAG_NODES} nodes (seed 1)", X, df, true, "gaussian", 3)
 
-    big, big_true = simulate_linear_gaussian(120, DAG_ROWS, seed=2)
+    big, big_true = simulate_linear_gaussian(BIG_NODES, DAG_ROWS, seed=2)
     from creditgraph.causal.dag import cpdag, shd
 
     for r in (0, RESTARTS):
-        m = HillClimbDAG(max_parents=3, restarts=r).fit(big)
+        m = HillClimbDAG(max_parents=3, restarts=r, random_state=0).fit(big)
         rows.append(
             {
-                "DAG": "linear-Gaussian 120 nodes",
+                "DAG": f"linear-Gaussian {BIG_NODES} nodes",
                 "method": "ours (plain)" if r == 0 else f"ours ({r} restarts)",
                 "seconds": round(m.fit_seconds_, 3),
                 "SHD (DAG)": shd(m.adjacency_, big_true),
@@ -214,7 +221,8 @@ def bench_dag() -> tuple[str, list[dict]]:
         "BIC is each DAG's score under our scorer (equal to pgmpy's up to its unbiased GLM "
         "scale). pgmpy breaks ties between equal moves by set order, which varies with "
         "PYTHONHASHSEED, so its row can differ slightly from run to run; max parents 3 "
-        "(Gaussian) / 4 (alarm) for every method. 120 nodes: pgmpy not run (too slow)." + note
+        f"(Gaussian) / 4 (alarm) for every method. {BIG_NODES} nodes: pgmpy not run (too "
+        "slow)." + note
     )
     return body, rows
 

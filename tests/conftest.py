@@ -75,8 +75,10 @@ def pretrained_run(built_run):
 
 @pytest.fixture(scope="session")
 def trained_run(pretrained_run):
-    """A small trained model in ``RUN/model`` (1 worker, a few epochs): for scoring and serving."""
+    """A small trained model in ``RUN/model`` (1 worker, a few epochs) with its calibration
+    (``RUN/calibration``): for scoring and serving."""
     from creditgraph.model.config import ModelConfig
+    from creditgraph.policy.calibrate import run_calibration
     from creditgraph.train.config import TrainConfig
     from creditgraph.train.trainer import run_training
 
@@ -86,6 +88,8 @@ def trained_run(pretrained_run):
             ModelConfig(hidden=16, heads=2, mc_dropout_samples=3),
             TrainConfig(epochs=3, num_workers=1, seed=1),
         )
+    if not (pretrained_run / "calibration" / "manifest.json").exists():
+        run_calibration(pretrained_run)
     return pretrained_run
 
 

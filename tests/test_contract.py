@@ -57,7 +57,7 @@ def test_valid_dataset_loads(base):
     ds = load_dataset(base)
     assert ds.n_users == 300
     assert "credit_limit" not in ds.feature_names and "default" not in ds.feature_names
-    assert ds.truth is not None and len(ds.truth) == 300 * 21
+    assert ds.truth is not None and len(ds.truth) == 300 * 61
     # NaN features stay missing (never imputed)
     assert np.isnan(ds.feature_matrix()).any()
 

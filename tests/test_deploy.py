@@ -15,6 +15,8 @@ import httpx
 import pytest
 import yaml
 
+from creditgraph.utils.runtime import agent_port_flags, stop_session
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TOKEN = "deploy-test-token"
@@ -48,13 +50,22 @@ def head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("head")
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2"]
     cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"]
-    cmd += [f"--temp-dir={tmp}", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=ROOT)
+    cmd += [f"--temp-dir={tmp}", "--disable-usage-stats", *agent_port_flags()]
+    started = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, cwd=ROOT)
+    headers = None
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    on = "Token authentication is enabled" in started.stdout + started.stderr
+    if on or env.get("RAY_AUTH_MODE") == "token":
+        # `ray start` turns token auth on when a token exists (~/.ray/auth_token): the operator's
+        # CLI calls and HTTP requests then carry it
+        env["RAY_AUTH_MODE"] = "token"
+        headers = {"Authorization": f"Bearer {token.read_text().strip()}"}
     try:
-        _wait(f"http://127.0.0.1:{dash}/api/version", timeout=120)
+        _wait(f"http://127.0.0.1:{dash}/api/version", timeout=120, headers=headers)
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        # only this head: `ray stop` would also kill the test session's own runtime
+        stop_session({"session_dir": str(tmp), "address": f"127.0.0.1:{port}"})
 
 
 def test_ray_job_submit_runs_the_pipeline_entry_point(head, sim_data, tmp_path):
@@ -62,9 +73,14 @@ def test_ray_job_submit_runs_the_pipeline_entry_point(head, sim_data, tmp_path):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--no-wait", "--"]
     cmd += [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--data", str(sim_data)]
     cmd += ["--out", str(run), "--stop-after", "partition"]
-    out = subprocess.run(
-        cmd, env=head["env"], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
+    deadline = time.monotonic() + 180
+    while True:  # right after `ray start` the job agent may not be up yet: Ray says to retry
+        out = subprocess.run(
+            cmd, env=head["env"], capture_output=True, text=True, cwd=ROOT, timeout=300
+        )
+        if "No available agent" not in out.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert out.returncode == 0, out.stderr[-3000:]
     job = next(w for w in out.stdout.split() if w.startswith("raysubmit_"))
     status = [str(BIN / "ray"), "job", "status", "--address", head["dashboard"], job]

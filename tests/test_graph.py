@@ -9,7 +9,17 @@ import pytest
 from creditgraph.data.load import load_dataset
 from creditgraph.data.spec import EntityType
 from creditgraph.graph.artifacts import GraphArtifacts
-from creditgraph.graph.hetero import CAUSES, HAS, SHARES, USER, to_heterodata
+from creditgraph.graph.hetero import (
+    CAUSES,
+    FEATURE,
+    HAS,
+    SHARES,
+    USER,
+    entity_types,
+    seen_with,
+    shares_from_links,
+    to_heterodata,
+)
 from creditgraph.graph.temporal import structural_features, temporal_user_edges
 
 
@@ -142,6 +152,80 @@ def test_heterodata_has_every_user_feature_edge(built_run):
     assert data[SHARES].edge_index.shape[1] == len(art.src)
     assert data[CAUSES].edge_index.tolist() == [[0], [1]]
     assert data[USER].num_nodes == n
+
+
+def test_heterodata_node_types_and_links_come_from_the_dataset(built_run, ds):
+    """One node type per declared entity type; one timestamped edge per stored sighting, the
+    entity named by its keyed hash, never by its raw id."""
+    art = GraphArtifacts.load(built_run)
+    data = to_heterodata(art, materialize_user_feature_edges=False)
+    declared = sorted(ds.spec.entities)
+    assert declared and set(data.node_types) == {USER, FEATURE, *declared}
+    assert HAS not in data.edge_types
+    kept = ds.links[ds.links["ts_days"] <= ds.t_days.max()]
+    for t in declared:
+        mine = kept[kept["entity_type"] == t]
+        e = data[seen_with(t)]
+        assert e.edge_index.shape[1] == len(mine) > 0
+        assert data[t].num_nodes == mine["entity_id"].nunique()
+        # the same sightings: (user, time) pairs match the dataset's
+        got = sorted(zip(e.edge_index[0].tolist(), e.time.tolist(), strict=True))
+        want = sorted(zip(mine["user_idx"].tolist(), mine["ts_days"].tolist(), strict=True))
+        assert got == want
+        keys = set(data[t].key)
+        assert all(len(k) == 32 for k in keys)
+        assert not keys & set(map(str, mine["entity_id"].unique()))
+    # some links are later than their own user's as_of: the view keeps them with their time
+    user, ts = (
+        np.concatenate([data[seen_with(t)].edge_index[0].numpy() for t in declared]),
+        np.concatenate([data[seen_with(t)].time.numpy() for t in declared]),
+    )
+    assert (ts > ds.t_days[user]).any()
+
+
+def test_heterodata_shares_edges_are_the_two_hop_view_of_its_links(built_run, ds):
+    art = GraphArtifacts.load(built_run)
+    data = to_heterodata(art, materialize_user_feature_edges=False)
+    e = shares_from_links(data, ds.spec)
+    assert len(e.src) == len(art.src) > 0
+    np.testing.assert_array_equal(e.src, art.src)
+    np.testing.assert_array_equal(e.dst, art.dst)
+    np.testing.assert_allclose(e.weight, art.weight, rtol=1e-6)
+    np.testing.assert_array_equal(e.etypes, art.etypes)
+    shares = data[SHARES]
+    np.testing.assert_array_equal(shares.edge_index.numpy(), np.stack([art.src, art.dst]))
+    # a shares edge is known at its receiver's decision time, never before its sender's
+    t = data[USER].time.numpy()
+    np.testing.assert_array_equal(shares.time.numpy(), t[art.dst])
+    assert np.all(t[art.src] <= shares.time.numpy())
+
+
+def test_heterodata_at_a_time_holds_only_what_was_known(built_run, ds):
+    art = GraphArtifacts.load(built_run)
+    at = float(np.median(ds.t_days))
+    data = to_heterodata(art, materialize_user_feature_edges=False, at=at)
+    for t in entity_types(data):
+        assert data[seen_with(t)].time.numel() > 0
+        assert float(data[seen_with(t)].time.max()) <= at
+        assert float(data[t].time.max()) <= at
+    assert 0 < data[SHARES].edge_index.shape[1] < len(art.src)
+    assert float(data[SHARES].time.max()) <= at
+    # the users decided by `at` keep exactly their shares edges of the whole view
+    whole = to_heterodata(art, materialize_user_feature_edges=False)
+    early = whole[SHARES].time.numpy() <= at
+    np.testing.assert_array_equal(
+        data[SHARES].edge_index.numpy(), whole[SHARES].edge_index.numpy()[:, early]
+    )
+
+
+def test_heterodata_needs_the_stored_links(built_run, tmp_path):
+    import shutil
+
+    graph = tmp_path / "graph"
+    shutil.copytree(built_run / "graph", graph)
+    (graph / "links.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"links\.parquet"):
+        to_heterodata(GraphArtifacts.load(tmp_path))
 
 
 def test_standardization_stats_are_stored_and_reused(built_run, ds):

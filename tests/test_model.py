@@ -75,6 +75,27 @@ def shards(built_run) -> list[dict]:
     return [load_shard(p) for p in shard_paths(built_run)]
 
 
+def test_collate_is_the_disjoint_union_of_its_shards(art, shards):
+    prior = _prior(art)
+    two = shards[:2]
+    batch = collate_shards(two, prior=prior)
+    n0 = len(two[0]["nodes"])
+    assert batch.num_nodes == n0 + len(two[1]["nodes"])
+    e0 = len(two[0]["src"])
+    # edges of the second shard are offset by the first shard's node count, never cross over
+    assert batch.edge_index[:, :e0].tolist() == [two[0]["src"].tolist(), two[0]["dst"].tolist()]
+    assert batch.edge_index[:, e0:].tolist() == [
+        (two[1]["src"] + n0).tolist(),
+        (two[1]["dst"] + n0).tolist(),
+    ]
+    assert int(batch.owned.sum()) == sum(int(s["n_owned"]) for s in two)
+    # extras: gathered by global id from a table, or carried by the shard rows (same numbers)
+    np.testing.assert_array_equal(batch.prior.numpy(), prior[batch.nodes.numpy()])
+    rows = [{**s, "prior": prior[s["nodes"]]} for s in two]
+    torch.testing.assert_close(collate_shards(rows).prior, batch.prior)
+    assert collate_shards(two).prior is None and batch.leaves is None
+
+
 def test_output_shapes(art, shards):
     model = _model(art)
     batch = collate_shards(shards[:2], prior=_prior(art))

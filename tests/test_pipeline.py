@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from creditgraph.config import PipelineConfig, override_many
+from creditgraph.config import PipelineConfig, override, override_many
 from creditgraph.layout import RunLayout
 from creditgraph.pipeline import run_pipeline
 
@@ -31,7 +31,7 @@ def test_pipeline_runs_then_reuses_unchanged_stages(sim_data, tmp_path):
     cfg = _small_config()
     run = tmp_path / "run"
     first = run_pipeline(sim_data, run, cfg)
-    assert list(first) == ["build", "partition", "pretrain", "train", "evaluate"]
+    assert list(first) == ["build", "partition", "pretrain", "train", "calibrate", "evaluate"]
     assert not any(r["reused"] for r in first.values())
     rows = {r["name"]: r for r in first["evaluate"]["rows"]}
     assert first["evaluate"]["has_truth"]
@@ -48,7 +48,7 @@ def test_pipeline_runs_then_reuses_unchanged_stages(sim_data, tmp_path):
 
     # a changed training setting re-runs training and everything after it, nothing before
     third = run_pipeline(sim_data, run, _small_config(**{"train.epochs": 3}))
-    assert [k for k, r in third.items() if not r["reused"]] == ["train", "evaluate"]
+    assert [k for k, r in third.items() if not r["reused"]] == ["train", "calibrate", "evaluate"]
     layout = RunLayout(run)
     for folder in (layout.graph, layout.shards, layout.pretrain, layout.model, layout.eval):
         assert json.loads(folder.record.read_text())["fingerprint"]
@@ -67,7 +67,7 @@ def test_pipeline_runs_then_reuses_unchanged_stages(sim_data, tmp_path):
     cfg = override_many(cfg, {"pretrain.dag.restarts": 0})
     fifth = run_pipeline(sim_data, run, cfg)
     ran = [k for k, r in fifth.items() if not r["reused"]]
-    assert ran == ["pretrain", "train", "ablation:no_interference", "evaluate"]
+    assert ran == ["pretrain", "train", "calibrate", "ablation:no_interference", "evaluate"]
 
 
 def test_a_dataset_without_truth_gets_a_predictive_report(sim_data, tmp_path):
@@ -98,8 +98,9 @@ def test_guardrail_rules_cap_the_users_they_flag(trained_run, sim_data, tmp_path
 
     rules_dir = tmp_path / "rules"
     learn_rules(sim_data, rules_dir, RulesConfig(min_confidence=0.15), show=False)
-    # a loose ceiling, so the small test model grants credit that the guardrail must take back
-    cfg = override_many(PipelineConfig(), {"policy.r_max": 0.5})
+    # a loose ceiling, so the small test model grants credit that the guardrail must take back;
+    # no guarantee: the small model certifies no tightening at 0.5 and would decline everyone
+    cfg = override(override(PipelineConfig(), "policy.r_max", 0.5), "policy.guarantee", None)
     summary = score_users(
         trained_run,
         sim_data,

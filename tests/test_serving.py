@@ -27,7 +27,22 @@ ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 @pytest.fixture(scope="module")
-def service(trained_run, scored):
+def rescored(trained_run, sim_data, scored, tmp_path_factory):
+    """A second, unpromoted snapshot of the same users on a bad day for everyone. Scored before
+    the service starts: on 2 cores the service's replicas leave Ray Data no whole CPU."""
+    import shutil
+
+    _, _, registry = scored
+    users = pd.read_parquet(sim_data / "users.parquet")
+    changed = tmp_path_factory.mktemp("changed") / "data"
+    shutil.copytree(sim_data, changed)
+    users["late_payment_ratio"] = 0.95
+    users.to_parquet(changed / "users.parquet", index=False)
+    return score_users(trained_run, changed, changed.parent / "out", registry=registry)
+
+
+@pytest.fixture(scope="module")
+def service(trained_run, scored, rescored):
     import os
 
     from ray import serve
@@ -224,19 +239,9 @@ def test_decisions_are_logged_with_hashed_entities_and_the_caller(service, score
     assert batch, "batch decisions are logged too"
 
 
-def test_promote_and_rollback_switch_the_served_snapshot(
-    service, trained_run, sim_data, scored, tmp_path
-):
+def test_promote_and_rollback_switch_the_served_snapshot(service, scored, rescored):
     dec, _, summary = _batch(scored)
-    _, _, registry = scored
-    users = pd.read_parquet(sim_data / "users.parquet")
-    changed = tmp_path / "data"
-    import shutil
-
-    shutil.copytree(sim_data, changed)
-    users["late_payment_ratio"] = 0.95  # a bad day for everyone
-    users.to_parquet(changed / "users.parquet", index=False)
-    new = score_users(trained_run, changed, tmp_path / "out", registry=registry)
+    new = rescored
     uid = int(dec["user_id"].iloc[3])
     before = _post({"user_id": uid}).json()
     time.sleep(1.0)

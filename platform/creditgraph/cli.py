@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from creditgraph.data.errors import DataValidationError
 
@@ -31,18 +33,36 @@ _app = _Typer(
 console = Console(stderr=True)
 
 
+#: Exceptions a user can fix, by module and name: matching by name keeps this module from
+#: importing the config (lightgbm, sklearn) or the runtime (Ray) just to declare them.
+_USER_ERRORS = {
+    ("creditgraph.config", "ConfigError"),
+    ("creditgraph.utils.runtime", "RayNotRunning"),
+    ("creditgraph.utils.runtime", "RayStartError"),
+}
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, DataValidationError | FileNotFoundError):
+        return True
+    return any((k.__module__, k.__name__) in _USER_ERRORS for k in type(exc).__mro__)
+
+
 def _user_errors(fn: Callable) -> Callable:
-    """Errors a user can fix (bad data, bad config, missing stage output) become one line on
-    stderr and exit code 2; anything else is a bug and keeps its traceback."""
-    from creditgraph.config import ConfigError
-    from creditgraph.utils.runtime import RayNotRunning
+    """Errors a user can fix (bad data, bad config, missing stage output, Ray that cannot start)
+    become one line on stderr and exit code 2; anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (DataValidationError, FileNotFoundError, ConfigError, RayNotRunning) as exc:
+        except Exception as exc:
+            if not _is_user_error(exc):
+                raise
+            _forget_new_run()
             _fail(exc)
+        finally:
+            _NEW_RUN.clear()
 
     return wrapper
 
@@ -56,7 +76,8 @@ Address = Annotated[
 
 
 def _fail(exc: Exception, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    # one line however long (no wrapping at the console width); brackets in it are not markup
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -64,6 +85,32 @@ def _ray(address: str | None) -> None:
     from creditgraph.utils.runtime import init_ray
 
     init_ray(address)
+
+
+#: a run folder this command created only to hold its log (see ``_forget_new_run``)
+_NEW_RUN: list[Path] = []
+
+
+def _log_to(run: Path) -> None:
+    """Details (ours and Ray's own logs) go to RUN/logs/creditgraph.log; the console keeps the
+    stages, progress and results."""
+    from creditgraph.layout import RunLayout
+    from creditgraph.utils.logs import set_log_file
+
+    if not Path(run).exists():
+        _NEW_RUN.append(Path(run))
+    set_log_file(RunLayout(run).logs / "creditgraph.log")
+
+
+def _forget_new_run() -> None:
+    """A command refused for bad input leaves no run folder behind: when it created the folder
+    and wrote nothing but its log there, the folder goes (the error is on the console)."""
+    from creditgraph.utils.logs import close_log_file
+
+    for run in _NEW_RUN:
+        if run.is_dir() and {p.name for p in run.iterdir()} <= {"logs"}:
+            close_log_file()
+            shutil.rmtree(run, ignore_errors=True)
 
 
 def _config(path: Path | None, updates: dict | None = None):
@@ -85,6 +132,7 @@ def _stages(
     from creditgraph.layout import RunLayout
     from creditgraph.pipeline import Pipeline, StageContext, credit_stages
 
+    _log_to(run)
     ctx = StageContext(None if data is None else data.resolve(), RunLayout(run), address)
     report = Pipeline(credit_stages(cfg, with_rules="rules" in names)).run(
         ctx, cfg, only=names, force=force
@@ -106,12 +154,18 @@ def validate(
     suspicious) or one clear error (exit 2). Small local datasets are read without Ray; large or
     remote ones through Ray Data (the switch: CREDITGRAPH_RAY_READ_MIN_BYTES, default 256 MiB)."""
     from creditgraph.data.load import load_dataset
+    from creditgraph.data.spec import DatasetSpec
 
     if address:  # otherwise Ray starts only if the data is large enough to need it
         _ray(address)
-    ds = load_dataset(data)
+    if DatasetSpec.load(data).family == "orders":
+        from creditgraph.data.orders import load_orders
+
+        ds = load_orders(data)
+    else:
+        ds = load_dataset(data)
     for warning in ds.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print_json(
         data={"ok": True, "dataset": ds.spec.name, **ds.stats, "warnings": ds.warnings}
     )
@@ -374,6 +428,74 @@ def train(
 
 
 @app.command()
+def calibrate(
+    run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
+    config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml (policy:)")] = None,
+    force: Annotated[
+        bool, typer.Option(help="rerun even if inputs and config are unchanged")
+    ] = False,
+    address: Address = None,
+) -> None:
+    """Calibrate the curves on held-out users and certify the guarantee's tightening per ceiling."""
+    from creditgraph.layout import RunLayout
+    from creditgraph.utils.io import read_json
+
+    _stages(["calibrate"], run, _config(config), address=address, force=force)
+    summary = read_json(RunLayout(run).calibration.manifest)["summary"]
+    console.print(
+        f"calibration ({summary['method']}): ECE {summary['ece_before']:.4f} -> "
+        f"{summary['ece_after']:.4f} on {summary['n_guarantee_half']:,} held-out users"
+    )
+    for r, g in summary["guarantee"].items():
+        state = f"lambda {g['lambda']}" if g["certified"] else "nothing certified (declines all)"
+        console.print(f"  r_max {r}: {state}", highlight=False)
+
+
+@app.command("evaluate-policy")
+def evaluate_policy(
+    run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
+    data: Annotated[Path, typer.Option("--data", help="logged data: historical limits, outcomes")],
+    policy: Annotated[
+        list[Path],
+        typer.Option(
+            "--policy",
+            help="candidate policy YAML (a pipeline.yaml `policy:` section); repeat to compare",
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="report folder (report.json/.md)")
+    ] = None,
+    address: Address = None,
+) -> None:
+    """Estimate a candidate limit policy's default rate, credit granted and value from logged
+    data before it is deployed (direct method, kernel IPW and doubly robust, bootstrap 95 %)."""
+    from creditgraph.config import PipelineConfig
+    from creditgraph.serving.policy_eval import evaluate_policies
+    from creditgraph.utils.tables import markdown_table
+
+    candidates = {p.stem: PipelineConfig.load(p).policy for p in policy}
+    _ray(address)
+    result = evaluate_policies(run, data, candidates, out)
+    rows = []
+    for name, entry in result["policies"].items():
+        for r in entry["estimates"]:
+            rows.append(
+                {
+                    "policy": name,
+                    "method": r["method"],
+                    "default_rate": r["default_rate"],
+                    "ci_low": r["ci_low"],
+                    "ci_high": r["ci_high"],
+                    "granted_share": entry["summary"]["granted_share"],
+                    "true_rate": r.get("true_default_rate"),
+                }
+            )
+    console.print(markdown_table(rows), highlight=False)
+    if out is not None:
+        console.print(f"report: {out}/report.md")
+
+
+@app.command()
 def evaluate(
     run: Annotated[Path, typer.Option("--run", help="run directory with a trained model")],
     config: Annotated[Path | None, typer.Option("--config", help="pipeline.yaml")] = None,
@@ -576,6 +698,11 @@ def serve(
         )
     _registry(run, snapshots).open().close()  # a promoted snapshot exists and opens
     _ray(address)
+    # right after Ray's start (which installs its own fatal-signal handlers) and before the
+    # deployments: a SIGTERM while they start up also drains and exits 0
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     if insecure:
         console.print("[bold yellow]WARNING: serving without authentication (--insecure)[/]")
     ray_serve.start(http_options={"host": host, "port": port})
@@ -591,9 +718,6 @@ def serve(
     # on a cluster, set them in the Serve config's runtime_env (docs/cluster.md)
     ray_serve.run(app_, name="creditgraph", route_prefix="/")
     console.print(f"decision API on http://{host}:{port}/v1/decisions (docs: /docs)")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     console.print("draining in-flight requests and stopping")
     ray_serve.shutdown()
@@ -611,12 +735,79 @@ def run_all(
     """Run every stage (build, partition, pretrain, train, ablations, evaluate), reusing unchanged ones."""
     from creditgraph.pipeline import run_pipeline
 
+    _log_to(out)
     cfg = _config(config)
     report = run_pipeline(data, out, cfg, stop_after=stop_after, force=force, address=address)
     for name, r in report.items():
         state = "reused" if r["reused"] else f"ran in {r['seconds']:.1f}s"
         console.print(f"stage {name}: {state}", highlight=False)
+    _print_report(out)
     console.print(f"run folder: {out.resolve()}  (evaluation report: {out.resolve() / 'eval'})")
+    console.print(f"log: {out.resolve() / 'logs' / 'creditgraph.log'}", highlight=False)
+
+
+def _print_report(run: Path) -> None:
+    """The held-out table of a run's evaluation (if it has one): against the truth when the data
+    has one, else the predictive metrics a real dataset allows."""
+    from creditgraph.layout import RunLayout
+    from creditgraph.utils.io import read_json
+    from creditgraph.utils.tables import markdown_table
+
+    metrics = RunLayout(run).eval.metrics
+    if not metrics.exists():
+        return
+    report = read_json(metrics)
+    keys = ["name", "kind", "mise", "violation_rate", "granted_ratio", "auc", "ap", "ece"]
+    if not report.get("has_truth", True):
+        keys = ["name", "kind", "auc", "ap", "brier", "ece"]
+    n_test = report.get("n_test")
+    title = "held-out evaluation" + (f" ({n_test:,} test users)" if n_test else "")
+    what = "against the truth" if report.get("has_truth", True) else "no truth: predictive metrics"
+    console.print(f"{title}, {what}:", highlight=False)
+    rows = [{k: r.get(k) for k in keys} for r in report.get("rows", [])]
+    console.print(markdown_table(rows), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def up(
+    num_cpus: Annotated[
+        int | None, typer.Option("--num-cpus", min=1, help="CPUs the head offers (default: all)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="head (GCS) port; default: a free one")] = None,
+    temp_dir: Annotated[
+        Path | None,
+        typer.Option("--temp-dir", help="root of Ray's session and log folders (Ray's default)"),
+    ] = None,
+) -> None:
+    """Start a persistent local Ray head (dashboard off) that later commands join instead of
+    starting their own runtime; `creditgraph down` stops it."""
+    from creditgraph.utils.runtime import head_file, start_head
+
+    console.print("starting a local Ray head (once; later commands join it)", highlight=False)
+    state = start_head(num_cpus, port, temp_dir)
+    if state["reused"]:
+        console.print(f"a Ray head is already up at {state['address']} ({head_file()})")
+        return
+    console.print(
+        f"Ray head up at {state['address']} (recorded in {head_file()}); commands on this "
+        "machine join it; stop it with `creditgraph down`",
+        highlight=False,
+    )
+
+
+@app.command()
+def down() -> None:
+    """Stop the local Ray head that `creditgraph up` started (only its processes)."""
+    from creditgraph.utils.runtime import head_file, stop_head
+
+    state = stop_head()
+    if state is None:
+        console.print(f"no Ray head recorded in {head_file()}: nothing to stop", highlight=False)
+        return
+    console.print(
+        f"stopped the Ray head at {state['address']} ({state['stopped_processes']} processes)",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -661,6 +852,13 @@ def rules(
 
 
 def main() -> None:  # pragma: no cover - console entry point
+    import os
+
+    from creditgraph.utils.logs import CONSOLE_FILTER_ENV, route_python_warnings
+
+    # a console session: Ray's C++ log lines go to the log file (utils/logs.py)
+    os.environ.setdefault(CONSOLE_FILTER_ENV, "1")
+    route_python_warnings()
     app()
 
 

@@ -18,6 +18,7 @@ from creditgraph.causal.config import PretrainConfig
 from creditgraph.evaluate.config import EvaluateConfig
 from creditgraph.graph.config import GraphConfig, PartitionConfig
 from creditgraph.model.config import ModelConfig
+from creditgraph.model.orders_config import OrdersConfig
 from creditgraph.policy.config import PolicyConfig
 from creditgraph.rules.config import RulesConfig
 from creditgraph.train.config import TrainConfig
@@ -40,6 +41,9 @@ class PipelineConfig(BaseModel):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     rules: RulesConfig = Field(default_factory=RulesConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    orders: OrdersConfig = Field(
+        default_factory=OrdersConfig, description="the order-risk family (family: orders)"
+    )
 
     @classmethod
     def load(cls, path: str | Path | None) -> PipelineConfig:

@@ -55,7 +55,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_runs"))
     parser.add_argument("--config", type=Path, default=None, help="pipeline.yaml")
     parser.add_argument("--no-serve", action="store_true", help="skip the online service step")
+    parser.add_argument(
+        "family_arg", nargs="?", choices=("credit", "orders"), help="same as --family"
+    )
+    parser.add_argument(
+        "--family",
+        choices=("credit", "orders"),
+        default=None,
+        help="credit limits (default) or real-time order risk (seed 001)",
+    )
+    parser.add_argument("--orders", type=int, default=60_000, help="orders (--family orders)")
     args = parser.parse_args(argv)
+    if (args.family or args.family_arg) == "orders":
+        _orders_demo(args)
+        return
 
     t0 = time.perf_counter()
     out = args.out.resolve()
@@ -138,10 +151,44 @@ def _print_evaluation(run: RunLayout) -> None:
         f"\n[bold]held-out evaluation[/] ({evaluation['n_test']:,} test users, policy at "
         f"r_max = {evaluation['r_max']}):"
     )
-    cols = ["name", "kind", "mise", "mise_gang", "violation_rate", "granted_ratio", "auc", "ece"]
+    cols = ["name", "kind", "mise", "mise_gang", "auc", "ap", "ece"]
     if not evaluation.get("has_truth", True):
         cols = ["name", "kind", "auc", "ap", "brier", "ece"]
     console.print(markdown_table(evaluation["rows"], cols), highlight=False, soft_wrap=True)
+    policies = [p for p in evaluation.get("policies", []) if p["name"] == "creditgraph"]
+    if policies:
+        console.print(
+            "\n[bold]the decisions, stage by stage[/] (test users; over-ceiling: share of granted "
+            "users whose true risk exceeds r_max):"
+        )
+        keys = [
+            "policy",
+            "over_ceiling_rate",
+            "portfolio_default_rate",
+            "granted_ratio",
+            "limit_satisfaction",
+            "value_mean",
+        ]
+        console.print(markdown_table(policies, keys), highlight=False, soft_wrap=True)
+    g = evaluation.get("guarantee") or {}
+    if g.get("lambda") is not None:
+        console.print(
+            f"guarantee: decisions on the upper bound with lambda = {g['lambda']} "
+            f"(certified for r_max {g['for_r_max']}, delta {g.get('delta')}): "
+            + g.get("statement", "").split("\n")[0]
+        )
+    elif g:
+        console.print(f"guarantee: {g.get('reason') or 'nothing certified: the policy declines'}")
+    ope = evaluation.get("ope") or []
+    if ope:
+        console.print("off-policy estimate of the deployed policy's portfolio default rate:")
+        for r in ope:
+            truth = r.get("true_default_rate")
+            console.print(
+                f"  {r['method']:>5}: {r['default_rate']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+                + ("" if truth is None else f"   (truth {truth:.4f})"),
+                highlight=False,
+            )
 
 
 def _print_rules(run: RunLayout) -> None:
@@ -200,6 +247,56 @@ def _serve_one_applicant(run: RunLayout, registry: Path, data: Path) -> None:
         )
     finally:
         serve.shutdown()
+
+
+def _orders_demo(args: argparse.Namespace) -> None:
+    """The order-risk family end to end: simulate, train, evaluate, batch-score, serve one order."""
+    from creditgraph.data.simulate_orders import OrderSimConfig, simulate_orders_to_dir
+    from creditgraph.pipeline import order_score_stage, order_stages
+
+    t0 = time.perf_counter()
+    out = args.out.resolve() / "orders"
+    data, run, scores, registry = (
+        out / "data",
+        RunLayout(out / "run"),
+        out / "scores",
+        out / "snapshots",
+    )
+    cfg = PipelineConfig.load(args.config)
+    sim = OrderSimConfig(n_orders=args.orders, seed=args.seed)
+    simulate = Stage(
+        "simulate", (), (), lambda c: _DataFolder(data), lambda ctx: simulate_orders_to_dir(sim, data),
+        needs_ray=False, identity=sim.model_dump(mode="json"),
+    )  # fmt: skip
+    stages = [
+        simulate,
+        *order_stages(cfg),
+        order_score_stage(ScoreFiles(scores), registry, promote=True),
+    ]
+    for s in stages[1:]:
+        if s.reads_data:
+            s.inputs = ("simulate", *s.inputs)
+    report = Pipeline(stages).run(StageContext(data, run), cfg)
+    rows = [
+        {"stage": k, "status": "reused" if v.reused else "ran", "seconds": round(v.seconds, 1)}
+        for k, v in report.items()
+    ]
+    console.print(markdown_table(rows), highlight=False)
+    console.print((run.eval.dir / "headline.md").read_text(), highlight=False, soft_wrap=True)
+    summary = read_json(ScoreFiles(scores).manifest)
+    console.print(
+        f"batch scoring (Ray Data): {summary['orders_scored']:,} orders; snapshot "
+        f"{summary['snapshot']} of {summary['entities_stored']:,} entity embeddings as of "
+        f"{summary['decision_time'][:10]}, promoted"
+    )
+    if not args.no_serve:
+        from creditgraph.serving.orders import demo_order_through_service
+
+        for line in demo_order_through_service(run, registry, data):
+            console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"\n[bold]results[/]\n  data  {data}\n  run   {run.root} (eval/headline.md)")
+    console.print(f"  scores {scores}\n  snapshots {registry}")
+    console.print(f"[dim]orders demo finished in {time.perf_counter() - t0:.0f}s[/]")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A *run folder* holds what training produced; it is written stage by stage and is read-only after
 training (scoring and serving never write into it)::
 
-    RUN/graph/        build: users.parquet, features.npz, uu_edges.npz, feature_stats.json, salt.key
+    RUN/graph/        build: users.parquet, features.npz, uu_edges.npz, links.parquet,
+                      feature_stats.json, salt.key
     RUN/shards/       partition: shard_00000.npz ..., membership.npy
     RUN/pretrain/     pretrain: teacher.txt, teacher.json, soft_labels.parquet, leaves.npy,
                       alpha.parquet, dag.json
@@ -13,6 +14,9 @@ training (scoring and serving never write into it)::
     RUN/ablations/N/  one folder per ablation model (same files as model/)
     RUN/eval/         evaluate: metrics.json, headline.md/csv, figures/*.png
     RUN/rules/        rules: rules.json, rules.sql, rules.txt, summary.json
+    RUN/events/       order family, build: the event graph (graph/events.py), orders.parquet,
+                      features.npy, entities.parquet (keyed hashes), salt.key
+    RUN/leaves/       order family: GBDT leaf encoder, leaves.npy, feature_stats.json
     RUN/checkpoints/  Ray Train checkpoints (storage path of the trainer)
     RUN/logs/         Ray's own logs and the console log of commands run on this folder
 
@@ -75,6 +79,10 @@ class GraphFiles(StageFolder):
     @property
     def feature_stats(self) -> Path:
         return self.dir / "feature_stats.json"
+
+    @property
+    def links(self) -> Path:
+        return self.dir / "links.parquet"
 
     @property
     def salt(self) -> Path:
@@ -187,6 +195,42 @@ class RulesFiles(StageFolder):
 
 
 @dataclass(frozen=True)
+class EventFiles(StageFolder):
+    """``RUN/events`` (order family): the time-sliced event graph, orders table, raw features,
+    entity keys and the entity salt (see ``graph/events.py``)."""
+
+    @property
+    def orders(self) -> Path:
+        return self.dir / "orders.parquet"
+
+    @property
+    def salt(self) -> Path:
+        return self.dir / "salt.key"
+
+
+@dataclass(frozen=True)
+class LeafFiles(StageFolder):
+    """``RUN/leaves`` (order family): the GBDT leaf encoder, every order's leaves, the raw
+    feature standardization (see ``causal/leaves.py``)."""
+
+    @property
+    def leaves(self) -> Path:
+        return self.dir / "leaves.npy"
+
+    @property
+    def folds(self) -> Path:
+        return self.dir / "fold.npy"
+
+    @property
+    def gbdt_logit(self) -> Path:
+        return self.dir / "gbdt_logit.npy"
+
+    @property
+    def feature_stats(self) -> Path:
+        return self.dir / "feature_stats.json"
+
+
+@dataclass(frozen=True)
 class RunLayout:
     """Every path of a run folder (see the module docstring)."""
 
@@ -225,6 +269,19 @@ class RunLayout:
     @property
     def rules(self) -> RulesFiles:
         return RulesFiles(self.root / "rules")
+
+    @property
+    def events(self) -> EventFiles:
+        return EventFiles(self.root / "events")
+
+    @property
+    def leaves(self) -> LeafFiles:
+        return LeafFiles(self.root / "leaves")
+
+    @property
+    def is_orders(self) -> bool:
+        """Whether this is an order-risk run (its event graph exists)."""
+        return self.events.exists()
 
     @property
     def checkpoints(self) -> Path:

@@ -23,14 +23,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from creditgraph.causal.leaves import run_leaves
 from creditgraph.causal.pretrain import run_pretrain
 from creditgraph.config import PipelineConfig, override_many
+from creditgraph.data.spec import DatasetSpec
+from creditgraph.evaluate.orders import run_order_evaluation
 from creditgraph.evaluate.run import ABLATIONS, run_evaluation
 from creditgraph.graph.build import build_graph
+from creditgraph.graph.events import partition_events, run_build_events
 from creditgraph.graph.partition import partition_graph
 from creditgraph.layout import RunLayout, ScoreFiles, StageFolder
+from creditgraph.model.orders_config import ABLATIONS as ORDER_ABLATIONS
+from creditgraph.policy.calibrate import run_calibration
 from creditgraph.rules.learn import learn_rules
+from creditgraph.serving.orders import score_orders
 from creditgraph.serving.score import score_users
+from creditgraph.train.orders import run_order_training
 from creditgraph.train.trainer import run_training
 from creditgraph.utils.io import fingerprint, path_signature, read_json, write_json
 from creditgraph.utils.logs import get_logger
@@ -181,7 +189,13 @@ class Pipeline:
 
 
 #: The CLI command that runs a stage (for messages).
-COMMAND = {"build": "build", "partition": "build", "pretrain": "pretrain", "train": "train"}
+COMMAND = {
+    "build": "build",
+    "partition": "build",
+    "pretrain": "pretrain",
+    "train": "train",
+    "calibrate": "run --stop-after calibrate",
+}
 
 
 def stage_output_ok(pipeline: Pipeline, name: str, ctx: StageContext) -> bool:
@@ -212,6 +226,10 @@ def _train(ctx: StageContext, model, train) -> dict:
     return run_training(ctx.run, model, train, ctx.run.model)
 
 
+def _calibrate(ctx: StageContext, policy) -> dict:
+    return run_calibration(ctx.run, policy)
+
+
 def _ablation(name: str) -> Stage:
     overrides = ABLATIONS[name][0]
 
@@ -229,9 +247,9 @@ def _ablation(name: str) -> Stage:
 
 
 def _evaluate(names: Sequence[str]) -> Callable[..., dict]:
-    def run(ctx: StageContext, evaluate) -> dict:
+    def run(ctx: StageContext, evaluate, policy) -> dict:
         models = {"creditgraph": ctx.run.model} | {n: ctx.run.ablation(n) for n in names}
-        return run_evaluation(ctx.run, evaluate, models)
+        return run_evaluation(ctx.run, evaluate, models, ctx.data, policy=policy)
 
     return run
 
@@ -273,7 +291,7 @@ def score_stage(
 
 
 def credit_stages(cfg: PipelineConfig, *, with_rules: bool = False) -> list[Stage]:
-    """build -> partition -> pretrain -> train -> ablations -> evaluate (-> rules)."""
+    """build -> partition -> pretrain -> train -> calibrate -> ablations -> evaluate (-> rules)."""
     ablations = list(cfg.evaluate.ablations)
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
@@ -285,11 +303,12 @@ def credit_stages(cfg: PipelineConfig, *, with_rules: bool = False) -> list[Stag
         Stage(
             "train", ("model", "train"), ("partition", "pretrain"), lambda c: c.run.model, _train
         ),
+        Stage("calibrate", ("policy",), ("train",), lambda c: c.run.calibration, _calibrate),
         *[_ablation(a) for a in ablations],
         Stage(
             "evaluate",
-            ("evaluate",),
-            ("train", *[f"ablation:{a}" for a in ablations]),
+            ("evaluate", "policy"),
+            ("calibrate", *[f"ablation:{a}" for a in ablations]),
             lambda c: c.run.eval,
             _evaluate(ablations),
             reads_data=True,
@@ -300,6 +319,112 @@ def credit_stages(cfg: PipelineConfig, *, with_rules: bool = False) -> list[Stag
             Stage("rules", ("rules",), (), lambda c: c.run.rules, _rules, reads_data=True)
         )
     return stages
+
+
+# --- the stages of the order-risk family (seed 001) ---------------------------------------------
+
+
+def order_stages(cfg: PipelineConfig) -> list[Stage]:
+    """events -> leaves -> partition -> train -> ablations -> evaluate, for ``family: orders``.
+
+    Every stage's identity is its own part of the ``orders`` section (the ``train`` section for
+    training), so changing, say, the evaluation reruns only the evaluation.
+    """
+    o = cfg.orders
+    ablations = list(o.evaluate.ablations)
+    unknown = [a for a in ablations if a not in ORDER_ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {sorted(ORDER_ABLATIONS)}")
+    hops = o.model.layers + 1
+
+    def dump(*models: BaseModel) -> list:
+        return [m.model_dump(mode="json") for m in models]
+
+    def ablation(name: str) -> Stage:
+        variant = o.model.model_copy(update=ORDER_ABLATIONS[name])
+        return Stage(
+            f"ablation:{name}",
+            ("train",),
+            ("partition", "leaves"),
+            lambda c: c.run.ablation(name),
+            lambda ctx, train: run_order_training(ctx.run, variant, train, ctx.run.ablation(name)),
+            identity=dump(variant),
+        )
+
+    def evaluate(ctx: StageContext) -> dict:
+        models = {"gnn": ctx.run.model} | {f"gnn:{a}": ctx.run.ablation(a) for a in ablations}
+        return run_order_evaluation(ctx.run, o.evaluate, models)
+
+    return [
+        Stage(
+            "events",
+            (),
+            (),
+            lambda c: c.run.events,
+            lambda ctx: run_build_events(ctx.data, ctx.run, o.graph, o.split),
+            reads_data=True,
+            identity=dump(o.graph, o.split),
+        ),
+        Stage(
+            "leaves",
+            (),
+            ("events",),
+            lambda c: c.run.leaves,
+            lambda ctx: run_leaves(ctx.run, o.leaves),
+            needs_ray=False,
+            identity=dump(o.leaves),
+        ),
+        Stage(
+            "partition",
+            (),
+            ("events",),
+            lambda c: c.run.shards,
+            lambda ctx: partition_events(ctx.run, o.partition, hops=hops),
+            identity=[*dump(o.partition), hops],
+        ),
+        Stage(
+            "train",
+            ("train",),
+            ("partition", "leaves"),
+            lambda c: c.run.model,
+            lambda ctx, train: run_order_training(ctx.run, o.model, train, ctx.run.model),
+            identity=dump(o.model),
+        ),
+        *[ablation(a) for a in ablations],
+        Stage(
+            "evaluate",
+            (),
+            ("train", *[f"ablation:{a}" for a in ablations]),
+            lambda c: c.run.eval,
+            evaluate,
+            needs_ray=False,
+            identity=dump(o.evaluate),
+        ),
+    ]
+
+
+def order_score_stage(
+    out: ScoreFiles, registry: str | Path | None = None, *, promote: bool = False
+) -> Stage:
+    """Batch scoring of the run's orders (Ray Data) into ``out`` and a snapshot of the entity
+    embeddings in ``registry`` (nothing written into the run)."""
+
+    def run(ctx: StageContext) -> dict:
+        return score_orders(ctx.run, out.dir, registry=registry, promote=promote)
+
+    return Stage(
+        "score",
+        (),
+        ("train",),
+        lambda ctx: out,
+        run,
+        identity={"out": str(out.dir), "registry": str(registry), "promote": promote},
+    )
+
+
+def dataset_family(data_dir: str | Path) -> str:
+    """``family`` of a dataset folder's dataset.yaml (credit or orders)."""
+    return DatasetSpec.load(data_dir).family
 
 
 def run_pipeline(
@@ -315,6 +440,11 @@ def run_pipeline(
     """Run (or reuse) every training stage; return ``{stage: {"reused", "seconds", ...}}``."""
     cfg = cfg or PipelineConfig()
     ctx = StageContext(Path(data_dir).resolve(), RunLayout(Path(run_dir)), address)
-    pipeline = Pipeline(credit_stages(cfg, with_rules=with_rules))
+    if dataset_family(data_dir) == "orders":
+        if with_rules:
+            log.warning("rule learning is for the credit family; the orders pipeline skips it")
+        pipeline = Pipeline(order_stages(cfg))
+    else:
+        pipeline = Pipeline(credit_stages(cfg, with_rules=with_rules))
     report = pipeline.run(ctx, cfg, stop_after=stop_after, force=force)
     return {k: v.as_dict() for k, v in report.items()}

@@ -46,6 +46,14 @@ PROGRESS_MIN_ROWS = 50_000
 Engine = Literal["auto", "arrow", "ray"]
 ENGINES = ("auto", "arrow", "ray")
 
+# names that stand for a role elsewhere (the contract's default role columns, the columns of
+# truth and links, the canonical columns of the graph files): a feature so named is kept apart
+# from the role, but it may be a second copy of a label, a limit or a time
+ROLE_LIKE_NAMES = frozenset(
+    {"user_id", "user_idx", "as_of", "t_days", "ts", "ts_days", "credit_limit", "treatment"}
+    | {"limit", "default", "outcome", "p_default"}
+)
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # a clock time followed by a zone: Z, UTC/GMT or a +hh[:mm] offset
 _AWARE = r"\d:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[Zz]|UTC|GMT|[+-]\d{2}(?::?\d{2})?)$"
@@ -260,6 +268,26 @@ def _resolve(root: Path, name: str) -> Path | None:
         return p
     stem = root / Path(name).stem  # users.parquet -> users/ (a directory of parts)
     return stem if stem.is_dir() else None
+
+
+def _absent_table(root: Path, spec: DatasetSpec, role: str, name: str, notes: list[str]) -> None:
+    """A table that is not there. Links shape every user's inputs: one that dataset.yaml names
+    must exist, and a default one that is absent is named in a warning. An evaluation table
+    (truth, segments) is optional unless dataset.yaml names it; then its absence is a warning."""
+    named = role in spec.model_fields_set
+    if role == "links" and named:
+        raise DataValidationError(
+            str(root / name),
+            message="links table named in dataset.yaml not found "
+            "(write 'links: null' there for a dataset without links)",
+        )
+    if role == "links":
+        notes.append(
+            f"{name}: no links table, so the users have no graph edges "
+            "(write 'links: null' in dataset.yaml to say so)"
+        )
+    elif named:
+        notes.append(f"{name}: {role} table named in dataset.yaml not found: read without it")
 
 
 # ------------------------------------------------------------------------------------- checking
@@ -539,6 +567,8 @@ def load_dataset(root: str | Path, *, with_truth: bool = True, engine: Engine = 
         path = _resolve(root, name) if name else None
         if path is not None:
             tables[role] = path
+        elif name:
+            _absent_table(root, spec, role, name, notes)
     n_rows = _count_rows(users_path)
     bar = tqdm(
         total=2 * len(tables),
@@ -714,6 +744,13 @@ def _features(raw: pd.DataFrame, spec: DatasetSpec, uf: str, notes: list[str]) -
         out[col] = arr
     if not out:
         raise DataValidationError(uf, message="no numeric feature columns")
+    for col in (c for c in out if c in ROLE_LIKE_NAMES):
+        notes.append(
+            f"{uf}, column {col!r}: a feature named like a role (here the id, time, limit and "
+            f"outcome are {spec.id!r}, {spec.time!r}, {spec.treatment!r}, {spec.outcome!r}): "
+            "kept as a feature, never as the role; if it holds labels, limits or times, list "
+            "it in 'exclude'"
+        )
     return pd.DataFrame(out, copy=False)
 
 

@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from creditgraph.data.errors import DataValidationError
+from creditgraph.data.load import read_table
+from creditgraph.data.spec import DatasetSpec, OrdersSpec
 from creditgraph.utils.logs import get_logger
-
-if TYPE_CHECKING:
-    from creditgraph.data.spec import DatasetSpec
 
 log = get_logger(__name__)
 
@@ -40,80 +37,6 @@ SEGMENT_COLUMN = "segment"
 MAX_EXAMPLES = 5
 TIME_UNIT = "datetime64[us]"  # as the credit family's loader
 _PER_DAY = 86_400 * 10**6  # microseconds
-
-
-class OrdersSpec(BaseModel):
-    """``orders:`` in dataset.yaml: which columns of the order tables mean what."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    table: str = Field("orders.parquet", description="one row per order (file or folder of parts)")
-    links: str | None = Field(
-        "order_links.parquet", description="order id, entity_type, entity_id[, ts]"
-    )
-    id: str = "order_id"
-    time: str = "ts"
-    buyer: str = "buyer_id"
-    amount: str = "amount"
-    label: str | None = Field("is_fraud", description="0/1, null = unknown; None: no labels")
-    label_time: str | None = Field(
-        "label_known_at", description="when the label became known; required where labeled"
-    )
-    features: list[str] | Literal["all"] = Field(
-        "all", description="feature columns, or 'all' for every other numeric column"
-    )
-    exclude: list[str] = Field(
-        default_factory=list, description="numeric columns that are never features"
-    )
-    truth: str | None = Field(
-        "order_truth.parquet", description="simulated data only: order id, p_fraud"
-    )
-    segments: str | None = Field(
-        None, description="simulated data only: order id -> segment, for reports"
-    )
-    reference_time: datetime | None = Field(
-        None,
-        description="the 'now' of historical data: labels and links known after it are "
-        "unknown (left out), orders after it are refused (default: the dataset's "
-        "reference_time; with neither, anything after the current time + 1 day is refused); "
-        "naive = UTC",
-    )
-
-    @field_validator("reference_time", mode="before")
-    @classmethod
-    def _date_is_midnight(cls, v: object) -> object:
-        # YAML turns 2025-06-30 into a date: take it as that day's midnight
-        if isinstance(v, date) and not isinstance(v, datetime):
-            return datetime(v.year, v.month, v.day)
-        return v
-
-    @field_validator("reference_time", mode="after")
-    @classmethod
-    def _to_naive_utc(cls, v: datetime | None) -> datetime | None:
-        if v is not None and v.tzinfo is not None:
-            v = v.astimezone(UTC).replace(tzinfo=None)
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> OrdersSpec:
-        if (self.label is None) != (self.label_time is None):
-            raise ValueError("label and label_time must both be set or both be null")
-        roles = self.roles
-        if len(set(roles)) != len(roles):
-            raise ValueError(f"id/time/buyer/amount/label/label_time must be distinct, got {roles}")
-        if isinstance(self.features, list):
-            clash = sorted(set(self.features) & set(roles))
-            if clash:
-                raise ValueError(f"features may not include the canonical columns: {clash}")
-            if len(set(self.features)) != len(self.features):
-                raise ValueError("features lists a column twice")
-        return self
-
-    @property
-    def roles(self) -> list[str]:
-        """The canonical columns (never features)."""
-        cols = [self.id, self.time, self.buyer, self.amount]
-        return cols + ([self.label, self.label_time] if self.label and self.label_time else [])
 
 
 @dataclass
@@ -178,9 +101,6 @@ def load_orders(root: str | Path, *, with_truth: bool = True, engine: str = "aut
     like the credit family's (``engine``: pyarrow for small local tables, Ray Data for large or
     remote ones; see :func:`creditgraph.data.load.choose_engine`).
     """
-    from creditgraph.data.load import read_table
-    from creditgraph.data.spec import DatasetSpec
-
     root = Path(root)
     if not root.is_dir():
         raise DataValidationError(str(root), message="dataset directory not found")

@@ -42,7 +42,7 @@ from creditgraph.data.simulate import (
     links_frame,
     simulate_links,
 )
-from creditgraph.data.spec import DatasetSpec
+from creditgraph.data.spec import DatasetSpec, LimitTests
 from creditgraph.utils.io import atomic_dir, write_json
 from creditgraph.utils.logs import get_logger
 
@@ -635,6 +635,13 @@ def semisynthetic_to_dir(path: str | Path, cfg: SemiSyntheticConfig, out: str | 
         history_days=cfg.history_days,
         links="links.parquet" if links is not None else None,
         segments="segments.parquet",
+        limit_tests=LimitTests(
+            low=tables["resolved"]["limit_test_range"][0],
+            high=tables["resolved"]["limit_test_range"][1],
+            zero_share=cfg.limit_test_zero_share,
+        )
+        if cfg.limit_test_share > 0
+        else None,
     )
     with atomic_dir(out) as tmp:
         pq.write_table(pa.Table.from_pandas(users, preserve_index=False), tmp / "users.parquet")

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from creditgraph.data.spec import DatasetSpec, EntityType
+from creditgraph.data.spec import DatasetSpec, EntityType, LimitTests
 from creditgraph.utils.io import atomic_dir, write_json
 from creditgraph.utils.logs import get_logger
 
@@ -93,8 +93,10 @@ class SimulationConfig(BaseModel):
         8, ge=2, description="defaulters per post-default collection phone"
     )
     # truth grid
+    # up to the simulated limits' 99th percentile (~120,000) and beyond, so every decision a
+    # policy on the data's own scale can make is judged against the truth
     truth_grid: list[float] = Field(
-        default_factory=lambda: [float(x) for x in np.arange(0, 50_001, 2_500)]
+        default_factory=lambda: [float(x) for x in np.arange(0, 150_001, 2_500)]
     )
 
     @classmethod
@@ -484,6 +486,7 @@ def simulate_to_dir(cfg: SimulationConfig, out: str | Path) -> dict:
         entities=ENTITY_TYPES,
         history_days=90.0,
         segments="segments.parquet",
+        limit_tests=LimitTests(low=500.0, high=80_000.0, zero_share=0.1),
     )
     with atomic_dir(out) as tmp:
         pq.write_table(

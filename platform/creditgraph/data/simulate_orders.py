@@ -23,8 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from creditgraph.data.orders import OrdersSpec
-from creditgraph.data.spec import DatasetSpec, EntityType
+from creditgraph.data.spec import DatasetSpec, EntityType, OrdersSpec
 from creditgraph.utils.io import atomic_dir, write_json
 from creditgraph.utils.logs import get_logger
 

@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import yaml
 from pydantic import (
     BaseModel,
@@ -17,7 +18,6 @@ from pydantic import (
 )
 
 from creditgraph.data.errors import DataValidationError
-from creditgraph.data.orders import OrdersSpec
 
 LINK_COLUMNS = ("user_id", "entity_type", "entity_id", "ts")
 TRUTH_COLUMNS = ("user_id", "limit", "p_default")
@@ -57,6 +57,108 @@ class TimeFormats(BaseModel):
         return v
 
 
+class OrdersSpec(BaseModel):
+    """``orders:`` in dataset.yaml: which columns of the order tables mean what."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    table: str = Field("orders.parquet", description="one row per order (file or folder of parts)")
+    links: str | None = Field(
+        "order_links.parquet", description="order id, entity_type, entity_id[, ts]"
+    )
+    id: str = "order_id"
+    time: str = "ts"
+    buyer: str = "buyer_id"
+    amount: str = "amount"
+    label: str | None = Field("is_fraud", description="0/1, null = unknown; None: no labels")
+    label_time: str | None = Field(
+        "label_known_at", description="when the label became known; required where labeled"
+    )
+    features: list[str] | Literal["all"] = Field(
+        "all", description="feature columns, or 'all' for every other numeric column"
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="numeric columns that are never features"
+    )
+    truth: str | None = Field(
+        "order_truth.parquet", description="simulated data only: order id, p_fraud"
+    )
+    segments: str | None = Field(
+        None, description="simulated data only: order id -> segment, for reports"
+    )
+    reference_time: datetime | None = Field(
+        None,
+        description="the 'now' of historical data: labels and links known after it are "
+        "unknown (left out), orders after it are refused (default: the dataset's "
+        "reference_time; with neither, anything after the current time + 1 day is refused); "
+        "naive = UTC",
+    )
+
+    @field_validator("reference_time", mode="before")
+    @classmethod
+    def _date_is_midnight(cls, v: object) -> object:
+        # YAML turns 2025-06-30 into a date: take it as that day's midnight
+        if isinstance(v, date) and not isinstance(v, datetime):
+            return datetime(v.year, v.month, v.day)
+        return v
+
+    @field_validator("reference_time", mode="after")
+    @classmethod
+    def _to_naive_utc(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is not None:
+            v = v.astimezone(UTC).replace(tzinfo=None)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OrdersSpec:
+        if (self.label is None) != (self.label_time is None):
+            raise ValueError("label and label_time must both be set or both be null")
+        roles = self.roles
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"id/time/buyer/amount/label/label_time must be distinct, got {roles}")
+        if isinstance(self.features, list):
+            clash = sorted(set(self.features) & set(roles))
+            if clash:
+                raise ValueError(f"features may not include the canonical columns: {clash}")
+            if len(set(self.features)) != len(self.features):
+                raise ValueError("features lists a column twice")
+        return self
+
+    @property
+    def roles(self) -> list[str]:
+        """The canonical columns (never features)."""
+        cols = [self.id, self.time, self.buyer, self.amount]
+        return cols + ([self.label, self.label_time] if self.label and self.label_time else [])
+
+
+class LimitTests(BaseModel):
+    """Randomized limit tests in the data: which users got a limit drawn at random, and the known
+    distribution it was drawn from (log-uniform on ``[low, high]``, 0 with probability
+    ``zero_share``). Off-policy evaluation and calibration use them as an unconfounded check."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str = Field("limit_test", description="boolean column of the segments table")
+    low: float = Field(..., gt=0)
+    high: float = Field(..., gt=0)
+    zero_share: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> LimitTests:
+        if self.high <= self.low:
+            raise ValueError("limit_tests.high must be > low")
+        return self
+
+    def log_density(self, limits) -> np.ndarray:
+        """log density of each limit in the variable log L (a point mass at 0)."""
+        limits = np.asarray(limits, dtype=np.float64)
+        pos = np.log(1.0 - self.zero_share) - np.log(np.log(self.high) - np.log(self.low))
+        inside = (limits >= self.low * (1 - 1e-9)) & (limits <= self.high * (1 + 1e-9))
+        out = np.where(inside, pos, -np.inf)
+        zero = np.log(self.zero_share) if self.zero_share > 0 else -np.inf
+        return np.where(limits == 0, zero, out)
+
+
 class DatasetSpec(BaseModel):
     """``dataset.yaml``: which columns mean what, and how links become edges."""
 
@@ -93,6 +195,9 @@ class DatasetSpec(BaseModel):
     truth: str | None = "truth.parquet"
     segments: str | None = Field(
         None, description="optional user_id->segment table (simulated data) for reports"
+    )
+    limit_tests: LimitTests | None = Field(
+        None, description="randomized limit tests and their known distribution (if any)"
     )
     family: Literal["credit", "orders"] = Field(
         "credit", description="model family: credit limits (users) or order risk (orders)"

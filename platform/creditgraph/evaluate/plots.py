@@ -263,3 +263,77 @@ def plot_policy(
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_frontier(
+    points: Sequence[Mapping], policies: Sequence[Mapping], path: str | Path, r_max: float
+) -> Path:
+    """Each method's frontier: over-ceiling rate among granted users against the share of the
+    oracle's credit granted, as the method tightens; the model's policy stages as markers."""
+    names = list(dict.fromkeys(p["name"] for p in points))
+    colors = _colors(names)
+    fig = Figure(figsize=(7.2, 5.4))
+    ax = fig.subplots()
+    for name in names:
+        pts = sorted((p for p in points if p["name"] == name), key=lambda p: p["granted_ratio"])
+        ax.plot(
+            [p["granted_ratio"] for p in pts],
+            [p["over_ceiling_rate"] for p in pts],
+            marker="o",
+            markersize=3,
+            color=colors[name],
+            label=name,
+        )
+    markers = {"bare": "x", "calibrated": "s", "guaranteed": "D", "deployed": "*"}
+    for row in policies:
+        if row.get("policy") in markers and row.get("name") == names[0]:
+            ax.scatter(
+                row["granted_ratio"],
+                row["over_ceiling_rate"],
+                marker=markers[row["policy"]],
+                s=70,
+                color="black",
+                zorder=5,
+                label=f"{row['name']}: {row['policy']}",
+            )
+    ax.set_xlabel("credit granted / oracle's credit")
+    ax.set_ylabel(f"share of granted users whose true risk > r_max = {r_max}")
+    ax.set_title("Frontier: risk-ceiling breaches vs credit granted (each method tightening)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability_bands(reliability: Mapping[str, Mapping], path: str | Path) -> Path:
+    """Reliability of the factual prediction per limit band, before and after calibration."""
+    before, after = reliability["before"], reliability["after"]
+    bands = [b for b in before if b != "all" and before[b].get("n", 0) > 0]
+    fig = Figure(figsize=(3.0 * max(len(bands), 1) + 0.5, 3.4))
+    axes = fig.subplots(1, max(len(bands), 1), squeeze=False)[0]
+    for ax, band in zip(axes, bands, strict=False):
+        top = 0.0
+        for label, rel, color in (("before", before, "tab:red"), ("after", after, "tab:blue")):
+            t = rel[band]["table"]
+            x, y = np.asarray(t["mean_pred"]), np.asarray(t["obs_rate"])
+            top = max(top, float(np.max(x, initial=0)), float(np.max(y, initial=0)))
+            ax.plot(
+                x,
+                y,
+                marker="o",
+                markersize=3,
+                color=color,
+                label=f"{label} (ECE {rel[band]['ece']:.3f})",
+            )
+        top = min(1.0, top * 1.05 + 1e-3)
+        ax.plot([0, top], [0, top], color="grey", linestyle=":")
+        lo, hi = before[band].get("limit_lo"), before[band].get("limit_hi")
+        span = "L = 0" if band == "zero" else f"{lo:,.0f}..{hi:,.0f}" if lo is not None else band
+        ax.set_title(f"{band}: {span}", fontsize=9)
+        ax.set_xlabel("mean predicted p(default)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("observed default rate")
+    fig.suptitle("Calibration per limit band (held-out users)")
+    fig.tight_layout()
+    return _save(fig, path)

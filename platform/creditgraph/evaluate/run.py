@@ -25,11 +25,24 @@ from creditgraph.data.load import load_dataset
 from creditgraph.evaluate import plots
 from creditgraph.evaluate.baselines import make_baseline
 from creditgraph.evaluate.config import EvaluateConfig
+from creditgraph.evaluate.decisions import (
+    POLICY_COLUMNS,
+    bare_limits,
+    deployed_decisions,
+    frontier,
+    ope_report,
+    policy_rows,
+)
 from creditgraph.evaluate.metrics import classification_metrics, evaluate_curves, truth_curves
 from creditgraph.graph.artifacts import GraphArtifacts
 from creditgraph.layout import EvalFiles, ModelFiles, RunLayout, as_layout
+from creditgraph.model.calibration import reliability_by_band
 from creditgraph.model.infer import Inference
-from creditgraph.policy.config import data_grid
+from creditgraph.policy.calibrate import Calibration
+from creditgraph.policy.clusters import build_clusters
+from creditgraph.policy.config import PolicyConfig
+from creditgraph.policy.deploy import DeployedPolicy
+from creditgraph.rules.estimator import ConstrainedRuleSet
 from creditgraph.utils.io import atomic_dir, write_json
 from creditgraph.utils.logs import get_logger
 from creditgraph.utils.tables import markdown_table
@@ -93,8 +106,11 @@ def run_evaluation(
     cfg: EvaluateConfig | None = None,
     models: Mapping[str, ModelFiles] | None = None,
     data_dir: str | Path | None = None,
+    *,
+    policy: PolicyConfig | None = None,
 ) -> dict:
-    """Score ``models`` (default: the trained model) and the baselines on the test users.
+    """Score ``models`` (default: the trained model) and the baselines on the test users, and
+    measure the decisions of the model's deployed ``policy`` stage by stage.
 
     ``data_dir`` defaults to the dataset the graph was built from (its truth and segments).
     """
@@ -106,21 +122,28 @@ def run_evaluation(
     for name, folder in models.items():
         if not folder.exists():
             raise FileNotFoundError(f"no trained model {name!r} at {folder.dir}")
+    deployed = DeployedPolicy(
+        (policy or PolicyConfig()).resolve(art.manifest.get("limits", {})), Calibration.load(run)
+    )
     test_idx = np.flatnonzero(art.split_mask("test"))
     has_truth = ds.truth is not None
+    all_idx = np.arange(art.n_users)
     if has_truth:
-        grid, true = truth_curves(ds.truth, test_idx)
+        grid, true_all = truth_curves(ds.truth, all_idx)
+        true = true_all[test_idx]
     else:
-        train = art.split_mask("train")
-        grid, true = data_grid(art.users["treatment"].to_numpy()[train]).values(), None
-        log.info("%s has no truth.parquet: predictive metrics only", ds.root)
+        grid, true, true_all = deployed.grid, None, None
+        log.info("%s has no truth.parquet: predictive metrics and off-policy estimates", ds.root)
     segments = _segments(ds, art, test_idx)
     y = art.users["outcome"].to_numpy()[test_idx]
-    t_test = art.users["treatment"].to_numpy()[test_idx]
+    limit = art.users["treatment"].to_numpy(np.float64)
+    t_test = limit[test_idx]
 
     rows: list[dict] = []
     curves: dict[str, np.ndarray] = {}
     factual: dict[str, np.ndarray] = {}
+    policy_table: list[dict] = []
+    frontier_points: list[dict] = []
 
     def add(name: str, kind: str, c: np.ndarray, f: np.ndarray, seconds: float) -> None:
         if has_truth:
@@ -129,6 +152,14 @@ def run_evaluation(
                 contiguous=cfg.contiguous, margin=cfg.margin, lgd=cfg.lgd,
                 n_bins=cfg.calibration_bins,
             )  # fmt: skip
+            bare = bare_limits(c, grid, cfg.r_max)
+            policy_table.extend(
+                policy_rows(
+                    name, {"bare": bare}, true, grid, cfg.r_max, margin=cfg.margin, lgd=cfg.lgd
+                )
+            )
+            if kind == "baseline" and name != "constant":
+                frontier_points.extend(frontier(name, true, grid, cfg.r_max, curves=c))
         else:
             row = classification_metrics(y, f, cfg.calibration_bins)
         rows.append({"name": name, "kind": kind, "fit_seconds": seconds, **row})
@@ -140,21 +171,34 @@ def run_evaluation(
             row.get("auc", float("nan")),
         )
 
+    full = None
     for name, folder in models.items():
-        out = model_curves(run, folder, art, grid, test_idx)
+        out = model_curves(run, folder, art, grid, all_idx if name == FULL else test_idx)
         kind = "model" if name == FULL else ABLATIONS.get(name, ({}, "model"))[1]
-        add(name, kind, out["curve"], out["p_factual"], 0.0)
+        if name == FULL:
+            full = out
+            add(name, kind, out["curve"][test_idx], out["p_factual"][test_idx], 0.0)
+        else:
+            add(name, kind, out["curve"], out["p_factual"], 0.0)
+
+    decisions = _deployed_report(
+        run, art, ds, deployed, full, grid, true_all, test_idx, cfg, policy_table, frontier_points
+    )
+    if deployed.calibration is not None:
+        add(
+            f"{FULL}_calibrated",
+            "model",
+            deployed.calibrate(full["curve"][test_idx]),
+            deployed.calibrate(full["p_factual"][test_idx]),
+            0.0,
+        )
 
     train = art.split_mask("train") & np.isfinite(art.users["outcome"].to_numpy())
-    x, t, yy = (
-        art.raw.astype(np.float64),
-        art.users["treatment"].to_numpy(),
-        art.users["outcome"].to_numpy(),
-    )
+    x, yy = art.raw.astype(np.float64), art.users["outcome"].to_numpy()
     for name in cfg.baselines:
         t0 = time.perf_counter()
         est = make_baseline(name, **cfg.baseline_params.get(name, {})).fit(
-            x[train], t[train], yy[train]
+            x[train], limit[train], yy[train]
         )
         seconds = time.perf_counter() - t0
         add(
@@ -167,6 +211,7 @@ def run_evaluation(
 
     columns = HEADLINE if has_truth else PREDICTIVE
     table = pd.DataFrame([{k: r.get(k) for k in columns} for r in rows])
+    ptable = pd.DataFrame([{k: r.get(k) for k in POLICY_COLUMNS} for r in policy_table])
     with atomic_dir(run.eval.dir) as tmp_dir:
         tmp = EvalFiles(tmp_dir)
         write_json(
@@ -177,18 +222,131 @@ def run_evaluation(
                 "has_truth": has_truth,
                 "grid": grid.tolist(),
                 "rows": rows,
+                "policies": policy_table,
+                "frontier": frontier_points,
+                **decisions,
             },
         )
         table.to_csv(tmp.dir / "headline.csv", index=False)
-        (tmp.dir / "headline.md").write_text(markdown_table(table.to_dict("records")) + "\n")
-        write_json(tmp.manifest, {"version": 1, "has_truth": has_truth, "models": list(models)})
+        text = markdown_table(table.to_dict("records")) + "\n"
+        if len(ptable):
+            text += "\n" + markdown_table(ptable.to_dict("records")) + "\n"
+        (tmp.dir / "headline.md").write_text(text)
+        write_json(tmp.manifest, {"version": 2, "has_truth": has_truth, "models": list(models)})
         _figures(tmp, cfg, grid, true, curves, factual, y, segments, rows, has_truth)
+        if frontier_points:
+            plots.plot_frontier(
+                frontier_points, policy_table, tmp.figures / "frontier.png", cfg.r_max
+            )
+        if decisions.get("reliability"):
+            plots.plot_reliability_bands(decisions["reliability"], tmp.figures / "reliability.png")
     log.info("evaluation written to %s", run.eval.dir)
     return {
         "rows": [{k: r.get(k) for k in columns} for r in rows],
+        "policies": [{k: r.get(k) for k in POLICY_COLUMNS} for r in policy_table],
+        "ope": decisions.get("ope", []),
+        "guarantee": decisions.get("guarantee"),
         "eval_dir": str(run.eval.dir),
         "has_truth": has_truth,
     }
+
+
+def _deployed_report(
+    run: RunLayout,
+    art: GraphArtifacts,
+    ds,
+    deployed: DeployedPolicy,
+    full: dict,
+    grid: np.ndarray,
+    true_all: np.ndarray | None,
+    test_idx: np.ndarray,
+    cfg: EvaluateConfig,
+    policy_table: list[dict],
+    frontier_points: list[dict],
+) -> dict:
+    """The model's decisions stage by stage, the frontier, reliability and the OPE check."""
+    inf = Inference.load(run)
+    r = cfg.r_max
+    limit = art.users["treatment"].to_numpy(np.float64)
+    _, sigma = inf.uncertainty(full["x"], grid)
+    cal = deployed.calibrate(full["curve"])
+    p_fact_cal = deployed.calibrate(full["p_factual"])
+    ids = art.users[art.id_column].to_numpy()
+    t = float(art.users["t_days"].max())
+    rule = None
+    if run.rules.exists():
+        hits = ConstrainedRuleSet.load(run.rules.dir).match(
+            pd.DataFrame(art.raw.astype(np.float64), columns=art.feature_names)
+        )
+        rule = np.array([None if h is None or h != h or h == "" else str(h) for h in hits], object)
+    clusters = build_clusters(
+        ds.links,
+        ds.n_users,
+        ds.spec.entities,
+        t,
+        history_days=deployed.config.clusters.history_days or ds.spec.history_days,
+        min_size=deployed.config.clusters.min_size,
+        split_above=deployed.config.clusters.split_above,
+    )
+    frame = deployed_decisions(
+        deployed, cal, sigma, grid, r, dsl=full["dsl"], rule=rule,
+        cluster_id=clusters.cluster_id, current=limit, ids=ids, decision_time=t,
+    )  # fmt: skip
+    bound = deployed.bound(cal, sigma, r)
+    stages = {
+        "bare": bare_limits(full["curve"], grid, r),
+        "calibrated": bare_limits(cal, grid, r),
+        "guaranteed": bare_limits(bound, grid, r) if bound is not None else None,
+        "deployed": frame["limit"].to_numpy(),
+    }
+    stages = {k: v[test_idx] for k, v in stages.items() if v is not None}
+    y = art.users["outcome"].to_numpy()[test_idx]
+    rel = {
+        "before": _plain(reliability_by_band(full["p_factual"][test_idx], y, limit[test_idx])),
+        "after": _plain(reliability_by_band(p_fact_cal[test_idx], y, limit[test_idx])),
+    }
+    out: dict = {
+        "guarantee": deployed.guarantee(r),
+        "reliability": rel,
+        "deployed_summary": {
+            "granted_share": float((stages["deployed"] > 0).mean()),
+            "mean_limit": float(stages["deployed"].mean()),
+            "binding_constraints": frame["binding_constraint"]
+            .iloc[test_idx]
+            .value_counts()
+            .to_dict(),
+            "explored": int(frame["explore_factor"].iloc[test_idx].notna().sum()),
+        },
+    }
+    true_rate = None
+    if true_all is not None:
+        true = true_all[test_idx]
+        rows = policy_rows(FULL, stages, true, grid, r, margin=cfg.margin, lgd=cfg.lgd)
+        policy_table[:0] = rows  # the model's stages first
+        true_rate = next(x for x in rows if x["policy"] == "deployed")["portfolio_default_rate"]
+        frontier_points.extend(
+            frontier(FULL, true, grid, r, curves=cal[test_idx], logit_std=sigma[test_idx])
+        )
+        frontier_points.extend(
+            frontier(f"{FULL} (bare)", true, grid, r, curves=full["curve"][test_idx])
+        )
+    first = inf.first(art.raw[test_idx], limit[test_idx], art.struct[test_idx])
+    log_f, _ = inf.log_density(art.raw[test_idx], art.struct[test_idx], first.h0, limit[test_idx])
+    out["ope"] = ope_report(
+        stages["deployed"], cal[test_idx], grid, limit[test_idx], y, log_f,
+        p_fact_cal[test_idx], true_rate=true_rate, margin=cfg.margin, lgd=cfg.lgd,
+    )  # fmt: skip
+    return out
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def _segments(ds, art: GraphArtifacts, test_idx: np.ndarray) -> np.ndarray | None:

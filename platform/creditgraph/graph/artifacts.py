@@ -5,10 +5,14 @@ Layout (all written atomically by :func:`creditgraph.graph.build.build_graph`)::
     RUN/graph/manifest.json       counts, dataset spec, config, input fingerprint, timings
     RUN/graph/users.parquet       node, <id>, as_of, t_days, treatment, outcome, split
     RUN/graph/features.npz        raw (float32, NaN = missing), z (float32), omega (uint8),
-                                  struct (float32 in-degree features, names in the manifest)
+                                  struct (float32 entity-pair counts, names in the manifest)
     RUN/graph/feature_stats.json  per feature: name, transform, mean, std, missing_share
     RUN/graph/uu_edges.npz        src, dst (int64 node ids; information flows src -> dst),
                                   weight (float32), etypes (uint16 bitmask of entity types)
+    RUN/graph/links.parquet       node, entity_type, entity_key (keyed hash), ts_days
+    RUN/graph/salt.key            the secret that keys entity ids (0600)
+
+Paths come from :class:`creditgraph.layout.GraphFiles`.
 
 The user-feature edges of the heterograph are complete (every user x every feature), so they are
 stored densely as ``z``/``omega`` and materialised as PyG edges only on request.

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from creditgraph.data.load import Dataset, load_dataset
+from creditgraph.data.load import PROGRESS_MIN_ROWS, Dataset, load_dataset
 from creditgraph.graph.config import GraphConfig
-from creditgraph.graph.entities import new_salt
+from creditgraph.graph.entities import entity_keys, new_salt
 from creditgraph.graph.features import FeatureStandardizer
 from creditgraph.graph.temporal import structural_features, temporal_user_edges
 from creditgraph.layout import GraphFiles, RunLayout, as_layout
@@ -47,9 +47,46 @@ def limit_scale(limits: np.ndarray) -> dict:
     }
 
 
+def link_table(links: pd.DataFrame | None, salt: bytes, until: float) -> pd.DataFrame:
+    """The user -> entity links stored with the graph (``RUN/graph/links.parquet``).
+
+    One row per validated sighting observed by ``until`` (the run's latest decision time; a later
+    sighting can reach no user of the run): ``node`` (user node id), ``entity_type``,
+    ``entity_key`` (keyed hash with the run's salt: raw ids are never stored) and ``ts_days``.
+    The user-user edges are their two-hop view (``graph/temporal.py``).
+    """
+    sub = None if links is None else links.loc[links["ts_days"].to_numpy(np.float64) <= until]
+    if sub is None or len(sub) == 0:
+        return pd.DataFrame(
+            {
+                "node": np.zeros(0, np.int64),
+                "entity_type": np.zeros(0, object),
+                "entity_key": np.zeros(0, object),
+                "ts_days": np.zeros(0, np.float64),
+            }
+        )
+    return pd.DataFrame(
+        {
+            "node": sub["user_idx"].to_numpy(np.int64),
+            "entity_type": sub["entity_type"].to_numpy(object),
+            "entity_key": entity_keys(
+                salt, sub["entity_type"].to_numpy(), sub["entity_id"].to_numpy()
+            ),
+            "ts_days": sub["ts_days"].to_numpy(np.float64),
+        }
+    )
+
+
 def input_fingerprint(data_dir: str | Path, cfg: GraphConfig) -> str:
     """Identity of a build: the dataset files (names, sizes, mtimes) and the graph config."""
     return fingerprint(path_signature(data_dir), cfg.model_dump())
+
+
+def _steps(n_users: int):
+    """A bar over the build's steps after validation (off for small datasets)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=3, unit="step", leave=False, disable=n_users < PROGRESS_MIN_ROWS)
 
 
 def build_graph(
@@ -61,7 +98,9 @@ def build_graph(
     t0 = time.perf_counter()
     ds = load_dataset(data_dir, with_truth=False)
     timings["load_validate"] = time.perf_counter() - t0
+    bar = _steps(ds.n_users)
 
+    bar.set_description("build: features")
     t1 = time.perf_counter()
     split = assign_split(ds.ids, cfg)
     raw = ds.feature_matrix()
@@ -70,12 +109,16 @@ def build_graph(
     )
     z, omega = std.transform(raw)
     timings["features"] = time.perf_counter() - t1
+    bar.update()
 
+    bar.set_description("build: user-user edges")
     t2 = time.perf_counter()
     edges = temporal_user_edges(ds.links, ds.t_days, ds.spec.entities, ds.spec.history_days)
     struct, struct_names = structural_features(edges, ds.n_users)
     timings["edges"] = time.perf_counter() - t2
+    bar.update()
 
+    bar.set_description("build: write")
     t3 = time.perf_counter()
     summary = _write(
         ds,
@@ -92,6 +135,8 @@ def build_graph(
         data_dir,
     )
     timings["write"] = time.perf_counter() - t3
+    bar.update()
+    bar.close()
     log.info(
         "graph: %s users, %d features, %s user-user edges (%d super-nodes cut) in %.1fs",
         f"{ds.n_users:,}",
@@ -158,7 +203,10 @@ def _write(
             etypes=edges.etypes,
         )
         write_json(tmp.feature_stats, std.to_records())
-        new_salt(tmp.salt)
+        salt = new_salt(tmp.salt)
+        links = link_table(ds.links, salt, float(ds.t_days.max()) if ds.n_users else 0.0)
+        links.to_parquet(tmp.links, index=False)
+        manifest["links_stored"] = len(links)
         write_json(tmp.manifest, manifest)
     return {
         "run": str(run.root),

@@ -1,4 +1,9 @@
-"""Mini-batches of ClusterGCN shards (disjoint unions) as tensors."""
+"""Mini-batches of ClusterGCN shards (disjoint unions) as tensors.
+
+A plain dataclass filled by numpy concatenation, not PyG's ``Data`` + ``Batch.from_data_list``:
+the same tensors, but PyG's collation costs about 3 % of a training step
+(``benchmarks/bench_batching.py``; docs/model.md, "Batches").
+"""
 
 from __future__ import annotations
 

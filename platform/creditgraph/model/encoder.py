@@ -73,11 +73,26 @@ class RelationalFeatureAttention(nn.Module):
         self.q0 = nn.Parameter(torch.randn(heads, self.dh) * 0.1)
         self.out = nn.Linear(hidden, hidden)
 
-    def forward(self, f: Tensor, z: Tensor, omega: Tensor, h_user: Tensor | None) -> Tensor:
+    def project(self, f: Tensor) -> tuple[Tensor, ...]:
+        """The user-independent keys and values of the feature nodes ``f``:
+        ``(k1, k2, v1, v2, km, vm)``, each ``[F, d]``."""
+        d = self.h * self.dh
+        k1, k2, v1, v2 = self.obs(f).split(d, dim=-1)
+        km, vm = self.mis(f).split(d, dim=-1)
+        return k1, k2, v1, v2, km, vm
+
+    def forward(
+        self,
+        f: Tensor,
+        z: Tensor,
+        omega: Tensor,
+        h_user: Tensor | None,
+        proj: tuple[Tensor, ...] | None = None,
+    ) -> Tensor:
+        """``proj``: :meth:`project` of ``f`` when already computed."""
         n, nf = z.shape
         d = self.h * self.dh
-        k1, k2, v1, v2 = self.obs(f).split(d, dim=-1)  # [F, d] each
-        km, vm = self.mis(f).split(d, dim=-1)
+        k1, k2, v1, v2, km, vm = self.project(f) if proj is None else proj  # [F, d] each
         zz, om = z.unsqueeze(-1), omega.unsqueeze(-1)
         keys = om * (k1 + zz * k2) + (1 - om) * km  # [n, F, d]
         vals = om * (v1 + zz * v2) + (1 - om) * vm
@@ -117,18 +132,57 @@ class FeatureEncoder(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
         self.ff = MLP([hidden, 2 * hidden, hidden], dropout)
         self.drop = nn.Dropout(dropout)
+        self._cache: tuple[list[Tensor], list[tuple[int, int]], tuple] | None = None
+
+    def feature_projections(self) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(f, round-1 projections, round-2 projections)``: everything of both attention
+        rounds that does not depend on the user (see :meth:`RelationalFeatureAttention.project`).
+
+        In eval mode without autograd the result is computed once and reused until a weight or
+        buffer it reads changes (scoring: every user sees the same feature nodes); otherwise it
+        is recomputed, so training is untouched.
+        """
+        if self.training or torch.is_grad_enabled():
+            return self._feature_projections()
+        nodes = self.nodes
+        owners = (nodes, nodes.alpha_proj, nodes.dag_msg, self.att1.obs, self.att1.mis)
+        tensors = [  # read from the modules' own dicts: the check costs microseconds per call
+            t
+            for mod in (*owners, self.att2.obs, self.att2.mis)
+            if mod is not None
+            for group in (mod._parameters, mod._buffers)
+            for t in group.values()
+            if t is not None
+        ]
+        try:  # in-place updates bump the version; .to() / .data swaps move the storage
+            versions = [(t._version, t.data_ptr()) for t in tensors]
+        except RuntimeError:  # a weight made under inference_mode has no version counter
+            return self._feature_projections()
+        c = self._cache
+        if (
+            c is None
+            or len(c[0]) != len(tensors)
+            or any(a is not b for a, b in zip(c[0], tensors, strict=True))
+            or c[1] != versions
+        ):
+            self._cache = c = (tensors, versions, self._feature_projections())
+        return c[2]
+
+    def _feature_projections(self) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        f = self.nodes()
+        return f, self.att1.project(f), self.att2.project(f)
 
     def forward(
         self, z: Tensor, omega: Tensor, struct: Tensor | None, leaves: Tensor | None
     ) -> Tensor:
-        f = self.nodes()
-        h = self.att1(f, z, omega, None)
+        f, proj1, proj2 = self.feature_projections()
+        h = self.att1(f, z, omega, None, proj1)
         if self.struct is not None and struct is not None:
             h = h + self.struct(struct)
         if self.leaves is not None and leaves is not None:
             h = h + self.leaves(leaves)
         h = self.norm0(h)
-        h = self.norm1(h + self.drop(self.att2(f, z, omega, h)))
+        h = self.norm1(h + self.drop(self.att2(f, z, omega, h, proj2)))
         return self.norm2(h + self.drop(self.ff(h)))
 
 

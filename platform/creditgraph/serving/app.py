@@ -47,6 +47,7 @@ from creditgraph.serving.context import (
     Applicant,
     Context,
     Encoded,
+    Evaluated,
     ScoringBundle,
     decide,
     encode,
@@ -93,7 +94,9 @@ class DecisionRequest(BaseModel):
     features: dict[str, Finite | None] | None = Field(
         None, description="raw feature values (null = missing); for a known user: fresh values"
     )
-    limit: Amount | None = Field(None, description="the applicant's current limit (default 0)")
+    limit: Amount | None = Field(
+        None, description="current limit (an applicant: default 0; a known user: the snapshot's)"
+    )
     links: list[Link] | None = Field(None, max_length=MAX_LINKS)
     as_of: str | None = Field(None, description="decision time (ISO); default: now")
     r_max: Finite | None = Field(
@@ -226,9 +229,11 @@ class GraphEncoder:
                 if req["features"] is None:
                     return {"error": "unknown_user"}
                 applicant = True
-            else:
+            else:  # a known user: fresh values given in the request replace the snapshot's
                 for name, value in (req["features"] or {}).items():
                     ctx.raw[0, self.index[name]] = np.nan if value is None else value
+                if req["limit"] is not None:
+                    ctx.limit[0] = req["limit"]
         if applicant:
             raw = np.full(len(b.feature_names), np.nan)
             for name, value in (req["features"] or {}).items():
@@ -247,9 +252,11 @@ class GraphEncoder:
             "known": bool(ctx.known[0]),
             "user_cap": float(ctx.user_cap[0]),
             "cluster_id": int(ctx.cluster_id[0]),
+            "limit": float(ctx.limit[0]),
             "entities": ctx.entities[0],
             "raw": ctx.raw[0],
             "snapshot": snap.id,
+            "decision_time_days": snap.meta["decision_time_days"],
             "caps_present": snap.caps_present,
         }
 
@@ -265,12 +272,47 @@ class OutcomeTower:
         self.bundle = _bundle(ServeArgs(**args))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def evaluate(self, items: list[tuple[Encoded, tuple[float, ...]]]) -> list[dict]:
-        out = []
-        for enc, grid in items:  # grids may differ (admin requests): one pass per item
-            ev = tower(self.bundle, enc, np.asarray(grid))
-            out.append(ev)
+    async def evaluate(self, items: list[tuple[Encoded, tuple[float, ...]]]) -> list[Evaluated]:
+        # one tower pass per distinct grid (an admin request may bring its own grid)
+        groups: dict[tuple[float, ...], list[int]] = {}
+        for i, (_, grid) in enumerate(items):
+            groups.setdefault(grid, []).append(i)
+        out: list[Evaluated | None] = [None] * len(items)
+        for grid, idx in groups.items():
+            encs = [items[i][0] for i in idx]
+            ev = tower(self.bundle, _stack(encs), np.asarray(grid))
+            a = 0
+            for i, enc in zip(idx, encs, strict=True):
+                b = a + len(enc.x)
+                out[i] = _rows(ev, a, b)
+                a = b
         return out
+
+
+def _stack(encs: list[Encoded]) -> Encoded:
+    """Several requests' tower inputs as one batch."""
+    if len(encs) == 1:
+        return encs[0]
+    return Encoded(
+        x=np.concatenate([e.x for e in encs]),
+        rep=np.concatenate([e.rep for e in encs]),
+        completeness=np.concatenate([e.completeness for e in encs]),
+        limit=np.concatenate([e.limit for e in encs]),
+        rule=np.concatenate([e.rule for e in encs]),
+    )
+
+
+def _rows(ev: Evaluated, a: int, b: int) -> Evaluated:
+    """Rows ``a:b`` of a batch's evaluation."""
+    return Evaluated(
+        curves=ev.curves[a:b],
+        logit_std=ev.logit_std[a:b],
+        p_factual=ev.p_factual[a:b],
+        dsl=ev.dsl[a:b],
+        prob_std=ev.prob_std[a:b],
+        rule=ev.rule[a:b],
+        rep=ev.rep[a:b],
+    )
 
 
 api = FastAPI(
@@ -373,6 +415,9 @@ def _reasons(binding: str, rule: str | None, missing: list[str], cluster_capped:
         "cluster_cap": "accounts tied to this one by shared devices, phones or addresses already "
         "hold most of their group's credit",
         "grid_max": "the largest limit on offer",
+        "stability": "an existing customer's limit is not cut by more than the policy allows in "
+        "one review",
+        "exploration": "part of a randomized limit test (the policy's own controlled experiment)",
     }
     out = [text.get(binding, binding)]
     if rule and binding != "guardrail":
@@ -407,7 +452,9 @@ class DecisionAPI:
         self.features = set(self.bundle.feature_names)
         alpha = self.bundle.inference.model.alpha.numpy()
         self.important = [
-            f for f, a in zip(self.bundle.feature_names, np.abs(alpha), strict=True) if a >= 0.2
+            (i, f)
+            for i, (f, a) in enumerate(zip(self.bundle.feature_names, np.abs(alpha), strict=True))
+            if a >= 0.2
         ]
 
     @api.get("/healthz")
@@ -428,6 +475,7 @@ class DecisionAPI:
                 "caller_r_max_floor": p.caller_r_max_floor,
                 "grid": p.grid.model_dump() if p.grid else None,
             },
+            "guarantee": self.bundle.deployed.guarantee(),
             "snapshot": info["snapshot"],
             "decision_time": info["decision_time"],
             "caps_present": info["caps_present"],
@@ -506,7 +554,7 @@ class DecisionAPI:
         ctx = Context(
             user_id=np.array([req.user_id], object),
             raw=enc["raw"][None, :],
-            limit=np.array([req.limit or 0.0]),
+            limit=np.array([enc["limit"]]),
             as_of=np.array([as_of_days]),
             struct=np.zeros((1, 0), np.float32),
             tokens=np.zeros((1, 0, 0, 0), np.float32),
@@ -514,14 +562,18 @@ class DecisionAPI:
             cluster_id=np.array([enc["cluster_id"]], np.int64),
             known=np.array([enc["known"]]),
         )
-        table = decide(b, ev, ctx, grid, r_max=r_max)
+        table = decide(b, ev, ctx, grid, r_max=r_max, decision_time=enc["decision_time_days"])
         d = table.row(0)
-        missing = [f for f in self.important if np.isnan(enc["raw"][b.feature_names.index(f)])]
+        guarantee = b.deployed.guarantee(r_max)
+        missing = [f for i, f in self.important if np.isnan(enc["raw"][i])]
         response = {
             "user_id": req.user_id,
             "known_user": enc["known"],
             "limit": d.limit,
             "p_default_at_limit": d.p_default_at_limit,
+            "p_upper_at_limit": None if np.isnan(d.p_upper_at_limit) else d.p_upper_at_limit,
+            "guarantee": {k: v for k, v in guarantee.items() if k != "statement"},
+            "explored": not np.isnan(d.explore_factor),
             "binding_constraint": d.binding_constraint,
             "reasons": _reasons(d.binding_constraint, d.rule, missing, d.user_cap is not None),
             "dsl_score": d.dsl_score,
@@ -565,8 +617,13 @@ class DecisionAPI:
 
 def build_app(args: dict) -> serve.Application:
     """Application builder for ``serve run serve/config.yaml`` / ``serve deploy`` (one dict of
-    arguments, Ray Serve's convention) and for ``creditgraph serve``."""
+    arguments, Ray Serve's convention) and for ``creditgraph serve``; an order-risk run gets the
+    order-risk application (``serving/orders.py``)."""
     a = ServeArgs(**args)
+    if RunLayout(Path(a.run_dir)).is_orders:
+        from creditgraph.serving.orders import build_orders_app
+
+        return build_orders_app(args)
     encoder, tower_d, ingress = GraphEncoder, OutcomeTower, DecisionAPI
     if a.replicas is not None:
         encoder = encoder.options(num_replicas=a.replicas)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from creditgraph.data.spec import EntityType
 from creditgraph.graph.entities import entity_key, load_salt
@@ -31,8 +31,8 @@ from creditgraph.layout import RunLayout, as_layout
 from creditgraph.model.infer import Inference
 from creditgraph.policy.calibrate import Calibration
 from creditgraph.policy.config import PolicyConfig
-from creditgraph.policy.decide import DecisionTable, decide_with_caps, exploration_draws
-from creditgraph.policy.guarantee import upper_bound
+from creditgraph.policy.decide import DecisionTable
+from creditgraph.policy.deploy import DeployedPolicy
 from creditgraph.rules.estimator import ConstrainedRuleSet
 from creditgraph.serving.records import Dims
 from creditgraph.serving.snapshot import Snapshot
@@ -107,35 +107,21 @@ class ScoringBundle:
     def key(self, entity_type: str, entity_id: Any) -> str:
         return entity_key(self.salt, entity_type, entity_id)
 
-    def guarantee(self, r_max: float) -> dict:
-        """What the decisions at ``r_max`` rest on: the certified tightening and its statement."""
-        cal = self.calibration
-        if self.policy.guarantee is None or cal is None:
-            return {"certified": False, "lambda": None, "for_r_max": None, "reason": (
-                "no guarantee configured" if self.policy.guarantee is None
-                else "the run has no calibration stage"
-            )}  # fmt: skip
-        ceilings = sorted(cal.lambdas)
-        usable = [r for r in ceilings if r >= r_max - 1e-12] or [ceilings[-1]]
-        r = min(usable, key=lambda c: abs(c - r_max))
-        lam = cal.lambdas[r]
-        return {
-            "certified": lam is not None and abs(r - r_max) < 1e-12,
-            "lambda": lam,
-            "for_r_max": r,
-            "delta": cal.config.get("delta"),
-            "alpha": cal.config.get("alpha"),
-            "statement": cal.statements[r],
-        }
+    @cached_property
+    def type_tables(self) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        """Per entity type (the run's order): its code, super-node cut-off and whether it is a
+        high-confidence type (one that joins credit clusters)."""
+        types = [self.entities.get(t, EntityType()) for t in self.entity_types]
+        return (
+            {t: i for i, t in enumerate(self.entity_types)},
+            np.array([t.max_degree for t in types], dtype=np.int64),
+            np.array([t.high_confidence for t in types], dtype=bool),
+        )
 
-    def bound(self, ev: Evaluated, r_max: float) -> np.ndarray | None:
-        """The upper bound the decision at ``r_max`` is judged on (None: the estimate itself)."""
-        if self.policy.guarantee is None or self.calibration is None:
-            return None
-        g = self.guarantee(r_max)
-        if g["lambda"] is None:
-            return np.ones_like(ev.curves, dtype=np.float64)  # nothing certified: decline all
-        return upper_bound(ev.curves, ev.logit_std, g["lambda"])
+    @property
+    def deployed(self) -> DeployedPolicy:
+        """The policy as decisions apply it: the resolved config and the run's calibration."""
+        return DeployedPolicy(self.policy, self.calibration)
 
 
 @dataclass
@@ -181,14 +167,24 @@ class Encoded:
     rule: np.ndarray  # object [n]: guardrail rule name or None
 
 
+def guardrail_hits(bundle: ScoringBundle, raw: np.ndarray) -> np.ndarray:
+    """The first guardrail rule each row of raw features (model order) matches, or None."""
+    rule = np.full(len(raw), None, dtype=object)
+    if bundle.rules is None or not len(raw):
+        return rule
+    # the rule set reads columns by name: a dict of the raw columns, no data frame per request
+    columns = {name: raw[:, i] for i, name in enumerate(bundle.feature_names)}
+    hits = bundle.rules.rules_.match(columns)
+    for i, h in enumerate(hits):
+        if h is not None and h == h and h != "":
+            rule[i] = str(h)
+    return rule
+
+
 def encode(bundle: ScoringBundle, ctx: Context, h0: np.ndarray | None = None) -> Encoded:
     """The first half of :func:`evaluate`: a context's tower inputs and guardrail hits."""
     fin = bundle.inference.finish(ctx.raw, ctx.limit, ctx.struct, ctx.tokens, h0=h0)
-    rule = np.full(len(ctx), None, dtype=object)
-    if bundle.rules is not None and len(ctx):
-        frame = pd.DataFrame(ctx.raw, columns=bundle.feature_names)
-        hits = bundle.rules.match(frame)
-        rule = np.array([None if h is None or h != h or h == "" else str(h) for h in hits], object)
+    rule = guardrail_hits(bundle, np.asarray(ctx.raw, np.float64))
     return Encoded(fin.x, fin.rep, fin.completeness, np.asarray(ctx.limit, np.float64), rule)
 
 
@@ -196,15 +192,14 @@ def tower(bundle: ScoringBundle, enc: Encoded, grid: np.ndarray) -> Evaluated:
     """The second half of :func:`evaluate`: calibrated curves, uncertainty and DSL scores from
     tower inputs (curves and the factual risk pass through the run's calibration)."""
     inf = bundle.inference
-    prob_std, _ = inf.uncertainty(enc.x, inf.unc_grid)
-    _, logit_std = inf.uncertainty(enc.x, grid)
+    out = inf.tower_outputs(enc.x, grid, enc.limit, unc_grid=inf.unc_grid)
     cal = bundle.calibration.calibrate if bundle.calibration is not None else np.asarray
     return Evaluated(
-        curves=cal(inf.curves(enc.x, grid)),
-        logit_std=logit_std,
-        p_factual=cal(inf.factual(enc.x, enc.limit)),
-        dsl=inf.dsl(enc.completeness, enc.rep, prob_std),
-        prob_std=prob_std,
+        curves=cal(out.curves),
+        logit_std=out.logit_std,
+        p_factual=cal(out.factual),
+        dsl=inf.dsl(enc.completeness, enc.rep, out.prob_std),
+        prob_std=out.prob_std,
         rule=enc.rule,
         rep=enc.rep,
     )
@@ -218,13 +213,6 @@ def evaluate(
     return tower(bundle, encode(bundle, ctx, h0), grid)
 
 
-def exploration_salt(bundle: ScoringBundle, decision_time_days: float) -> str:
-    """The exploration draws' salt: the decision date and the policy's seed (one draw per user
-    and date, the same in batch and online)."""
-    day = int(np.floor(decision_time_days))
-    return f"{day}/{bundle.policy.exploration.seed}"
-
-
 def decide(
     bundle: ScoringBundle,
     ev: Evaluated,
@@ -236,32 +224,21 @@ def decide(
     decision_time: float | None = None,
 ) -> DecisionTable:
     """The policy's decisions for evaluated users, with their per-user caps (the one decision
-    path: batch passes the caps it allocated, online the snapshot's or the cluster's room).
-
-    Feasibility is judged on the certified bound at ``r_max`` (the guarantee), the current limit
-    (``ctx.limit``) bounds how far a limit is cut (stability), and users with an id are drawn for
-    exploration on ``decision_time`` (days; the snapshot's T)."""
-    r = bundle.policy.r_max if r_max is None else float(r_max)
-    draws = None
-    if decision_time is not None and bundle.policy.exploration.share > 0:
-        salt = exploration_salt(bundle, decision_time)
-        keys = [None if k is None else str(k) for k in ctx.user_id]
-        draws = np.ones((len(ctx), 2)) - 1e-12  # no id (an anonymous applicant): never drawn
-        named = [i for i, k in enumerate(keys) if k is not None]
-        if named:
-            draws[named] = exploration_draws(np.array([keys[i] for i in named]), salt)
-    return decide_with_caps(
+    path, :class:`~creditgraph.policy.deploy.DeployedPolicy`: batch passes the caps it allocated,
+    online the snapshot's or the cluster's room). The current limit (``ctx.limit``) bounds how far
+    a limit is cut; users with an id are drawn for exploration on ``decision_time`` (days)."""
+    return bundle.deployed.decide(
         ev.curves,
-        grid,
-        r,
-        user_cap=ctx.user_cap if user_cap is None else user_cap,
+        ev.logit_std,
         dsl_score=ev.dsl,
-        cluster_id=ctx.cluster_id,
         guardrail_hits=ev.rule,
-        config=bundle.policy,
-        bound=bundle.bound(ev, r),
+        r_max=r_max,
+        user_cap=ctx.user_cap if user_cap is None else user_cap,
+        cluster_id=ctx.cluster_id,
         current=ctx.limit,
-        draws=draws,
+        ids=ctx.user_id,
+        decision_time=decision_time,
+        grid=grid,
     )
 
 
@@ -309,76 +286,87 @@ def for_applicants(
     """
     inf = bundle.inference
     n, (_, hops, d) = len(applicants), inf.token_shape
-    n_types = len(bundle.entity_types)
-    type_code = {t: i for i, t in enumerate(bundle.entity_types)}
-    max_degree = np.array(
-        [bundle.entities.get(t, EntityType()).max_degree for t in bundle.entity_types]
-    )
-    high = np.array(
-        [bundle.entities.get(t, EntityType()).high_confidence for t in bundle.entity_types]
-    )
+    type_code, max_degree, high = bundle.type_tables
+    # each applicant's distinct entities (the response lists them); those seen in the window
+    # are read from the snapshot, all of them in one read
     used: list[list[dict]] = []
     keys: list[str] = []
     owner: list[int] = []
+    codes: list[int] = []
+    entries: list[dict] = []
     for i, app in enumerate(applicants):
         seen: dict[str, dict] = {}
+        lo, hi = app.as_of - bundle.history_days, app.as_of
         for etype, eid, ts in app.links:
             if etype not in type_code:
                 raise ValueError(f"entity type {etype!r} is unknown to this model")
             key = bundle.key(etype, eid)
-            inside = app.as_of - bundle.history_days <= ts <= app.as_of
-            entry = seen.setdefault(key, {"entity_type": etype, "key": key, "in_window": False})
-            entry["in_window"] = entry["in_window"] or inside
+            entry = seen.get(key)
+            if entry is None:
+                entry = seen[key] = {
+                    "entity_type": etype,
+                    "key": key,
+                    "in_window": False,
+                    "known": False,
+                    "neighbours": 0,
+                    "cut": False,
+                }
+            entry["in_window"] = entry["in_window"] or lo <= ts <= hi
         used.append(list(seen.values()))
-        for entry in seen.values():
+        for entry in used[-1]:
             if entry["in_window"]:
                 keys.append(entry["key"])
                 owner.append(i)
-    rec, found = snapshot.entities(keys) if keys else (np.zeros(0), np.zeros(0, bool))
+                codes.append(type_code[entry["entity_type"]])
+                entries.append(entry)
+    n_types = len(bundle.entity_types)
     pairs = np.zeros((n, n_types))
     wsum = np.zeros(n)
-    sums = np.zeros((n, 2, hops, d))
+    sums = np.zeros((n, 2 * hops * d))
     cluster_room = np.full(n, np.inf)
     cluster_of = np.full(n, NO_CLUSTER, dtype=np.int64)
-    lookup = {(owner[j], keys[j]): j for j in range(len(keys))}
-    clusters_to_read: list[int] = []
-    for i, entries in enumerate(used):
-        for entry in entries:
-            j = lookup.get((i, entry["key"]))
-            t = type_code[entry["entity_type"]]
-            entry.update(known=False, neighbours=0, cut=False)
-            if j is None or not found[j]:
-                continue
-            r = rec[j]
-            entry["known"] = True
-            if r["n_cumulative"] + 1 > max_degree[t]:  # the applicant makes it one user more
-                entry["cut"] = True
-                continue
-            w = bundle.type_weights[t]
-            entry["neighbours"] = int(r["n_window"])
-            pairs[i, t] += r["n_window"]
-            wsum[i] += w * r["n_window"]
-            sums[i] += w * r["sums"]
-            if high[t] and r["cluster_id"] >= 0:
-                clusters_to_read.append(int(r["cluster_id"]))
-                entry["cluster_id"] = int(r["cluster_id"])
-    if clusters_to_read and snapshot.caps_present:
-        ids = sorted(set(clusters_to_read))
-        crec, cfound = snapshot.clusters(ids)
-        room = {
-            c: (r["cap"] - r["granted"]) for c, r, f in zip(ids, crec, cfound, strict=True) if f
-        }
-        for i, entries in enumerate(used):
-            for entry in entries:
-                c = entry.get("cluster_id")
-                if c is not None and c in room and room[c] < cluster_room[i]:
+    if keys:
+        rec, found = snapshot.entities(keys)
+        own = np.asarray(owner, np.int64)
+        code = np.asarray(codes, np.int64)
+        n_window = rec["n_window"].astype(np.float64)
+        # the applicant makes an entity one user more: above its type's cut-off it is cut
+        cut = found & (rec["n_cumulative"].astype(np.int64) + 1 > max_degree[code])
+        live = found & ~cut
+        w = bundle.type_weights[code]
+        np.add.at(pairs, (own[live], code[live]), n_window[live])
+        wsum += np.bincount(own[live], weights=(w * n_window)[live], minlength=n)
+        np.add.at(
+            sums,
+            own[live],
+            w[live, None] * rec["sums"][live].reshape(int(live.sum()), 2 * hops * d),
+        )
+        clustered = live & high[code] & (rec["cluster_id"] >= 0)
+        for j, entry in enumerate(entries):
+            entry["known"] = bool(found[j])
+            entry["cut"] = bool(cut[j])
+            if live[j]:
+                entry["neighbours"] = int(rec["n_window"][j])
+            if clustered[j]:
+                entry["cluster_id"] = int(rec["cluster_id"][j])
+        if clustered.any() and snapshot.caps_present:
+            ids = np.unique(rec["cluster_id"][clustered])
+            crec, cfound = snapshot.clusters(ids)
+            room = dict(
+                zip(
+                    ids[cfound].tolist(),
+                    (crec["cap"] - crec["granted"])[cfound].tolist(),
+                    strict=True,
+                )
+            )
+            # an applicant takes the tightest room of the clusters its entities belong to
+            for j in np.flatnonzero(clustered):
+                c, i = int(rec["cluster_id"][j]), own[j]
+                if c in room and room[c] < cluster_room[i]:
                     cluster_room[i], cluster_of[i] = max(room[c], 0.0), c
-    tokens = np.zeros((n, 2, hops, d), np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.where(wsum[:, None, None, None] > 0, sums / wsum[:, None, None, None], 0.0)
-    for k in range(hops):
-        c, s = inf.hop_from_means(k, means[:, 0, k], means[:, 1, k], wsum)
-        tokens[:, 0, k], tokens[:, 1, k] = c, s
+        means = np.where(wsum[:, None] > 0, sums / wsum[:, None], 0.0)
+    tokens = inf.tokens_from_means(means.reshape(n, 2, hops, d), wsum)
     return Context(
         user_id=np.array([a.user_id for a in applicants], dtype=object),
         raw=np.stack([np.asarray(a.raw, np.float64) for a in applicants])

@@ -41,16 +41,8 @@ from creditgraph.graph.temporal import structural_features, temporal_user_edges
 from creditgraph.layout import RunLayout, ScoreFiles, as_layout
 from creditgraph.policy.clusters import build_clusters
 from creditgraph.policy.config import PolicyConfig
-from creditgraph.policy.decide import decide as decide_all
-from creditgraph.policy.decide import exploration_draws
 from creditgraph.serving import records
-from creditgraph.serving.context import (
-    Context,
-    Evaluated,
-    ScoringBundle,
-    evaluate,
-    exploration_salt,
-)
+from creditgraph.serving.context import Context, Evaluated, ScoringBundle, evaluate
 from creditgraph.serving.decision_log import DecisionLog
 from creditgraph.serving.snapshot import Registry, new_snapshot_id
 from creditgraph.utils.io import atomic_dir, fingerprint, path_signature, write_json
@@ -83,8 +75,12 @@ def batch_graph(bundle: ScoringBundle, ds: Dataset, as_of: float | None = None) 
     names = bundle.feature_names
     missing = [f for f in names if f not in ds.feature_names]
     if missing:
+        # a column that is there but was dropped (all null, not numeric): say why
+        why = [w.split(": ", 1)[-1] for w in ds.warnings if f"column {missing[0]!r}:" in w]
         raise DataValidationError(
-            str(ds.root), missing[0], f"feature columns of the model are absent: {missing}"
+            str(ds.root / ds.spec.users),
+            missing[0],
+            f"feature columns of the model are absent: {missing}" + (f" ({why[0]})" if why else ""),
         )
     t = ds.t_days.copy()
     if as_of is not None:
@@ -111,49 +107,50 @@ def batch_graph(bundle: ScoringBundle, ds: Dataset, as_of: float | None = None) 
 class _FirstActor:
     """Ray Data actor, step 1: ``h0`` and hop-0 tokens for a block of users."""
 
-    def __init__(self, run: str):
+    def __init__(self, run: str, dtype: list):
         import torch
 
         torch.set_num_threads(1)
         self.bundle = ScoringBundle.load(run)
+        self.dtype = records.dtype_from_json(dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cols = _Columns.of(self.bundle)
-        x = batch["data"]
-        first = self.bundle.inference.first(cols.raw(x), cols.limit(x), cols.struct(x))
-        return {"idx": cols.idx(x), "h0": first.h0, "c0": first.c0, "s0": first.s0}
+        x = _unpack(batch["data"], self.dtype)
+        first = self.bundle.inference.first(x["raw"], x["limit"], x["struct"])
+        return {"idx": x["idx"], "h0": first.h0, "c0": first.c0, "s0": first.s0}
 
 
 class _FinishActor:
     """Ray Data actor, step 4: evaluate a block of contexts on the decision grid."""
 
-    def __init__(self, run: str, policy: dict, rules_dir: str | None, grid: list[float]):
+    def __init__(
+        self, run: str, policy: dict, rules_dir: str | None, grid: list[float], dtype: list
+    ):
         import torch
 
         torch.set_num_threads(1)
         self.bundle = ScoringBundle.load(run, PolicyConfig(**policy), rules_dir)
         self.grid = np.asarray(grid)
+        self.dtype = records.dtype_from_json(dtype)
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        b = self.bundle
-        cols = _Columns.of(b)
-        x = batch["data"]
-        n = len(x)
+        x = _unpack(batch["data"], self.dtype)
+        n = len(x["idx"])
         ctx = Context(
-            user_id=cols.idx(x),
-            raw=cols.raw(x),
-            limit=cols.limit(x),
+            user_id=x["idx"],
+            raw=x["raw"],
+            limit=x["limit"],
             as_of=np.zeros(n),
-            struct=cols.struct(x),
-            tokens=cols.tokens(x),
+            struct=x["struct"],
+            tokens=x["tokens"],
             user_cap=np.full(n, np.inf),
             cluster_id=np.full(n, -1, np.int64),
             known=np.ones(n, bool),
         )
-        ev = evaluate(b, ctx, self.grid, h0=cols.h0(x))
+        ev = evaluate(self.bundle, ctx, self.grid, h0=x["h0"])
         return {
-            "idx": cols.idx(x),
+            "idx": x["idx"],
             "curves": ev.curves.astype(np.float32),
             "logit_std": ev.logit_std.astype(np.float32),
             "p_factual": ev.p_factual,
@@ -164,43 +161,14 @@ class _FinishActor:
         }
 
 
-@dataclass(frozen=True)
-class _Columns:
-    """The layout of the one float64 matrix a block of users travels in through Ray Data:
-    ``[row index, raw F, limit, struct S, tokens of hops 1..L (2 L d), h0 d]`` (the last two
-    only in the second pass). One array per block keeps rows together without relying on the
-    order of separate datasets."""
+def _block_dtype(fields: dict[str, np.ndarray]) -> np.dtype:
+    return np.dtype([(k, v.dtype, v.shape[1:]) for k, v in fields.items()])
 
-    f: int
-    s: int
-    t: int
-    d: int
 
-    @classmethod
-    def of(cls, b: ScoringBundle) -> _Columns:
-        dims = b.dims
-        return cls(dims.n_features, dims.n_struct, 2 * dims.hops * dims.hidden, dims.hidden)
-
-    def idx(self, x: np.ndarray) -> np.ndarray:
-        return x[:, 0].astype(np.int64)
-
-    def raw(self, x: np.ndarray) -> np.ndarray:
-        return x[:, 1 : 1 + self.f]
-
-    def limit(self, x: np.ndarray) -> np.ndarray:
-        return x[:, 1 + self.f]
-
-    def struct(self, x: np.ndarray) -> np.ndarray:
-        a = 2 + self.f
-        return x[:, a : a + self.s].astype(np.float32)
-
-    def tokens(self, x: np.ndarray) -> np.ndarray:
-        a = 2 + self.f + self.s
-        return x[:, a : a + self.t].astype(np.float32).reshape(len(x), 2, -1, self.d)
-
-    def h0(self, x: np.ndarray) -> np.ndarray:
-        a = 2 + self.f + self.s + self.t
-        return x[:, a : a + self.d].astype(np.float32)
+def _unpack(data: np.ndarray, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """The fields of a block's rows (see :func:`_dataset`), each a contiguous array."""
+    rec = np.ascontiguousarray(data).view(dtype).reshape(len(data))
+    return {name: np.ascontiguousarray(rec[name]) for name in dtype.names}
 
 
 def _blocks(n: int, size: int) -> list[tuple[int, int]]:
@@ -209,21 +177,33 @@ def _blocks(n: int, size: int) -> list[tuple[int, int]]:
     return list(pairwise(edges))
 
 
-def _dataset(packed: np.ndarray, batch_size: int) -> ray.data.Dataset:
-    """One block per ``batch_size`` users, each block one matrix (column ``data``)."""
-    return ray.data.from_numpy_refs(
-        [ray.put(packed[a:b]) for a, b in _blocks(len(packed), batch_size)]
-    )
+def _dataset(fields: dict[str, np.ndarray], batch_size: int) -> tuple[ray.data.Dataset, list]:
+    """The users' fields as Ray Data blocks of ``batch_size`` rows, and the blocks' record type.
+
+    A block is one ``uint8 [rows, record bytes]`` matrix whose rows are records of one
+    structured dtype (each field in its own type: raw features stay float64, tokens float32), so
+    the rows of all fields travel together and nothing is widened to a common type."""
+    n = len(next(iter(fields.values())))
+    dtype = _block_dtype(fields)
+    refs = []
+    for a, b in _blocks(n, batch_size):
+        rec = np.empty(b - a, dtype)
+        for name, values in fields.items():
+            rec[name] = values[a:b]
+        refs.append(ray.put(rec.view(np.uint8).reshape(b - a, dtype.itemsize)))
+    return ray.data.from_numpy_refs(refs), records.dtype_to_json(dtype)
 
 
 def _run_first(
     g: BatchGraph, run: RunLayout, batch_size: int, min_actors: int, max_actors: int
 ) -> tuple:
     n = len(g.raw)
-    packed = np.column_stack([np.arange(n), g.raw, g.limit, g.struct.astype(np.float64)])
-    out = _dataset(packed, batch_size).map_batches(
+    data, dtype = _dataset(
+        {"idx": np.arange(n), "raw": g.raw, "limit": g.limit, "struct": g.struct}, batch_size
+    )
+    out = data.map_batches(
         _FirstActor,
-        fn_constructor_kwargs={"run": str(run.root)},
+        fn_constructor_kwargs={"run": str(run.root), "dtype": dtype},
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         num_cpus=1,
@@ -251,23 +231,23 @@ def _run_finish(
     max_actors: int,
 ) -> tuple[Evaluated, dict]:
     n = len(g.raw)
-    packed = np.column_stack(
-        [
-            np.arange(n),
-            g.raw,
-            g.limit,
-            g.struct.astype(np.float64),
-            tokens[:, :, 1:].reshape(n, -1).astype(np.float64),
-            h0.astype(np.float64),
-        ]
-    )
-    out = _dataset(packed, batch_size).map_batches(
+    fields = {
+        "idx": np.arange(n),
+        "raw": g.raw,
+        "limit": g.limit,
+        "struct": g.struct,
+        "tokens": tokens[:, :, 1:],
+        "h0": h0,
+    }
+    data, dtype = _dataset(fields, batch_size)
+    out = data.map_batches(
         _FinishActor,
         fn_constructor_kwargs={
             "run": str(bundle.run.root),
             "policy": bundle.policy.model_dump(),
             "rules_dir": rules_dir,
             "grid": grid.tolist(),
+            "dtype": dtype,
         },
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
@@ -287,9 +267,11 @@ def _run_finish(
             batch["dsl"],
             batch["prob_std"],
         )
-        rule[idx] = [r if r else None for r in batch["rule"]]
-        for node in batch["node"]:
-            nodes[node] = nodes.get(node, 0) + 1
+        hits = batch["rule"] != ""
+        rule[idx[hits]] = batch["rule"][hits]
+        names, counts = np.unique(batch["node"], return_counts=True)
+        for node, k in zip(names.tolist(), counts.tolist(), strict=True):
+            nodes[node] = nodes.get(node, 0) + k
     ev = Evaluated(curves, logit_std, p_factual, dsl, prob_std, rule, np.zeros((n, 0)))
     return ev, nodes
 
@@ -347,21 +329,17 @@ def score_users(
         min_size=bundle.policy.clusters.min_size,
         split_above=bundle.policy.clusters.split_above,
     )
-    draws = None
-    if bundle.policy.exploration.share > 0:
-        salt = exploration_salt(bundle, g.time)
-        draws = exploration_draws(np.array([str(i) for i in g.ids]), salt)
-    upper = bundle.bound(ev, bundle.policy.r_max)
-    table = decide_all(
+    deployed = bundle.deployed
+    upper = deployed.bound(ev.curves, ev.logit_std)
+    table = deployed.decide(
         ev.curves,
-        grid,
+        ev.logit_std,
         dsl_score=ev.dsl,
-        cluster_id=clusters.cluster_id,
         guardrail_hits=ev.rule,
-        config=bundle.policy,
-        bound=upper,
+        cluster_id=clusters.cluster_id,
         current=g.limit,
-        draws=draws,
+        ids=g.ids,
+        decision_time=g.time,
     )
     timings["decide"] = time.perf_counter() - t3
 
@@ -387,7 +365,7 @@ def score_users(
         "granted_share": float((table.limit > grid[0]).mean()) if len(table) else 0.0,
         "binding_constraints": counts,
         "explored": int(np.isfinite(table.explore_factor).sum()),
-        "guarantee": bundle.guarantee(bundle.policy.r_max),
+        "guarantee": bundle.deployed.guarantee(),
         "declined_by_cluster_cap": declined_by_cap,
         "clusters": int(clusters.n_clusters),
         "edges": g.edge_stats,

@@ -182,12 +182,23 @@ class RecordStore(abc.ABC):
         size = chunk_size or self.chunk_size
         show = n >= PROGRESS_FROM if progress is None else progress
         t0 = time.perf_counter()
+        skeys = _keys(keys)
+        order = self._insert_order(skeys)
         with tqdm(total=n, desc=f"store {namespace}", unit="key", disable=not show) as bar:
             for sl in _chunks(n, size):
-                self._put_encoded(namespace, _keys(keys[sl]), records.encode(values[sl], dtype))
+                if order is None:
+                    part, rows = skeys[sl], values[sl]
+                else:
+                    idx = order[sl]
+                    part, rows = [skeys[i] for i in idx], values[idx]
+                self._put_encoded(namespace, part, records.encode(rows, dtype))
                 bar.update(sl.stop - sl.start)
         log.debug("stored %d keys in %s in %.1fs", n, namespace, time.perf_counter() - t0)
         return n
+
+    def _insert_order(self, keys: list[str]) -> np.ndarray | None:
+        """The order a bulk load writes its keys in (None: as given)."""
+        return None
 
     def __enter__(self) -> RecordStore:
         return self
@@ -222,6 +233,7 @@ class FileStore(RecordStore):
     ):
         self._dtypes = {}
         self.path = Path(path)
+        self._building = _building
         self.writable = writable or _building
         self.immutable = immutable and not self.writable
         self.chunk_size = chunk_size
@@ -236,9 +248,14 @@ class FileStore(RecordStore):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             if building:
-                # a failed build is thrown away whole, so no journal and no per-commit fsync
+                # a failed build is thrown away whole, so no journal and no per-commit fsync;
+                # records of hundreds of bytes fill 16 KiB pages better (a third less time to
+                # load a million users than with the default 4 KiB), and a bulk load's B-tree
+                # pages stay in a 64 MiB cache
+                conn.execute("PRAGMA page_size=16384")
                 conn.execute("PRAGMA journal_mode=OFF")
                 conn.execute("PRAGMA synchronous=OFF")
+                conn.execute("PRAGMA cache_size=-65536")
             else:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
@@ -289,6 +306,11 @@ class FileStore(RecordStore):
                 db.execute("ROLLBACK")
                 raise
             self._tables.add(namespace)
+
+    def _insert_order(self, keys: list[str]) -> np.ndarray | None:
+        # keys in their text order: each insert appends to the table's B-tree (stable, so the
+        # last of repeated keys still wins)
+        return np.argsort(np.asarray(keys), kind="stable") if self._building else None
 
     def _get_encoded(self, namespace: str, keys: list[str]) -> list[bytes | None]:
         if namespace not in self._tables:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,88 @@ from creditgraph.utils.logs import get_logger
 from creditgraph.utils.runtime import require_ray
 
 log = get_logger(__name__)
+
+
+#: graphs smaller than this train in seconds: no progress bar (and no reporting actor)
+PROGRESS_MIN_USERS = 10_000
+
+
+@ray.remote(num_cpus=0)
+class _EpochInbox:
+    """Holds the epochs reported by the Ray Train controller until the driver collects them."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict] = []
+
+    def add(self, report: dict) -> None:
+        self.reports.append(report)
+
+    def take(self) -> list[dict]:
+        out, self.reports = self.reports, []
+        return out
+
+
+class EpochReports(ray.train.UserCallback):
+    """Runs on the Ray Train controller after every ``ray.train.report``: forwards the epoch and
+    its validation loss to the driver (fire and forget; the controller never waits on it)."""
+
+    def __init__(self, inbox) -> None:
+        self.inbox = inbox
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        first = metrics[0] if metrics else {}
+        self.inbox.add.remote({"epoch": first.get("epoch"), "val_loss": first.get("val_loss")})
+
+
+class EpochProgress:
+    """One tqdm bar over the epochs on the driver, fed by :class:`EpochReports`.
+
+    Pass ``callbacks`` to ``RunConfig`` and run ``trainer.fit()`` inside ``with progress:``;
+    disabled (no bar, no callbacks, no actor) when ``enabled`` is False.
+    """
+
+    def __init__(self, epochs: int, desc: str, enabled: bool = True) -> None:
+        self.epochs, self.desc = epochs, desc
+        self.inbox = _EpochInbox.remote() if enabled else None
+        self.callbacks = [EpochReports(self.inbox)] if enabled else []
+        self._stop = threading.Event()
+        self._bar = self._thread = None
+
+    def __enter__(self) -> EpochProgress:
+        if self.inbox is None:
+            return self
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.epochs, desc=self.desc, unit="epoch")
+        self._thread = threading.Thread(target=self._pump, name="epoch-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def _show(self, reports: list[dict]) -> None:
+        for r in reports:
+            self._bar.update(1)
+            if r.get("val_loss") is not None:
+                self._bar.set_postfix(val_bce=f"{r['val_loss']:.4f}", refresh=False)
+        if reports:
+            self._bar.refresh()
+
+    def _pump(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self._show(ray.get(self.inbox.take.remote(), timeout=5))
+            except Exception:  # the result never depends on the bar
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self.inbox is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            with suppress(Exception):
+                self._show(ray.get(self.inbox.take.remote(), timeout=5))
+            self._bar.close()
+        ray.kill(self.inbox)
 
 
 def _pretrain(run: RunLayout) -> PretrainArtifacts | None:
@@ -187,6 +271,9 @@ def run_training(
         train_cfg.model_dump(),
     )
     storage = train_cfg.storage_path or str(run.checkpoints)
+    progress = EpochProgress(
+        train_cfg.epochs, f"train {out.dir.name}", art.n_users >= PROGRESS_MIN_USERS
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -205,6 +292,7 @@ def run_training(
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=progress.callbacks,
         ),
         datasets={"shards": shard_dataset(run, model, pre)},
     )
@@ -215,7 +303,8 @@ def run_training(
         " (GPU)" if use_gpu else "",
         train_cfg.epochs,
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as d:
