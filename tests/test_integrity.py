@@ -438,6 +438,28 @@ def test_small_data_is_read_without_ray(base):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+def test_library_code_never_starts_ray_for_large_data(base, monkeypatch):
+    """Above the switch the reader needs Ray but does not start it: the entry point does
+    (``creditgraph validate`` asks :func:`reads_with_ray` first)."""
+    from creditgraph.data.load import reads_with_ray
+
+    assert not reads_with_ray(base)
+    code = (
+        "from creditgraph.data.load import load_dataset; "
+        "from creditgraph.utils.runtime import RayNotRunning\n"
+        f"try:\n    load_dataset({str(base)!r})\n"
+        "except RayNotRunning as e:\n    print('refused:', e)"
+    )
+    env = {**os.environ, "CREDITGRAPH_RAY_READ_MIN_BYTES": "0"}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "refused:" in res.stdout and "Ray Data" in res.stdout, (
+        res.stdout + res.stderr[-2000:]
+    )
+    monkeypatch.setenv("CREDITGRAPH_RAY_READ_MIN_BYTES", "0")
+    assert reads_with_ray(base)
+
+
 def test_parts_with_a_missing_column_are_unified(base, tmp_path, ref):
     d = _copy(base, tmp_path)
     users = _users(d)
@@ -502,3 +524,52 @@ def test_ray_engine_reads_the_same(base, tmp_path, ray_session):
         load_dataset(d, engine="ray")
     assert "\n" not in str(exc.value) and "part-1.parquet" in exc.value.file
     shutil.rmtree(d)
+
+
+def test_unusual_column_names_work_end_to_end(sim_data, tmp_path):
+    """Names with spaces, symbols, non-ASCII or padding are features like any other through
+    training, rules, batch scoring and an online applicant decision (never accepted at validate
+    and then failing later)."""
+    from creditgraph.config import PipelineConfig, override_many
+    from creditgraph.layout import RunLayout
+    from creditgraph.pipeline import run_pipeline
+    from creditgraph.rules.config import RulesConfig
+    from creditgraph.rules.learn import learn_rules
+    from creditgraph.serving.context import (
+        Applicant,
+        ScoringBundle,
+        decide,
+        encode,
+        for_applicants,
+        tower,
+    )
+    from creditgraph.serving.score import score_users
+    from creditgraph.serving.snapshot import Registry
+
+    d = _copy(sim_data, tmp_path)
+    renamed = dict(
+        zip(["late_payment_ratio", "avg_order_value", "refund_rate"], UNUSUAL, strict=True)
+    )
+    _edit(d, "users", lambda df: df.rename(columns=renamed))
+    cfg = override_many(
+        PipelineConfig(),
+        {"model.hidden": 8, "model.heads": 2, "model.mc_dropout_samples": 2, "train.epochs": 1,
+         "train.num_workers": 1, "partition.num_parts": 4},
+    )  # fmt: skip
+    run = tmp_path / "run"
+    run_pipeline(d, run, cfg, stop_after="calibrate")
+    learn_rules(d, tmp_path / "rules", RulesConfig(min_confidence=0.15), show=False)
+    summary = score_users(run, d, tmp_path / "out", rules_dir=tmp_path / "rules", promote=True)
+    dec = pd.read_parquet(tmp_path / "out" / "decisions.parquet")
+    assert summary["users_scored"] == len(dec) == 3000 and dec["limit"].notna().all()
+    bundle = ScoringBundle.load(run, rules_dir=tmp_path / "rules")
+    assert set(UNUSUAL) <= set(bundle.feature_names)
+    # the service's path: features by name (JSON keys), an applicant never seen
+    users = _users(d)
+    raw = np.array([float(users[name].iloc[0]) for name in bundle.feature_names])
+    snap = Registry(RunLayout(run).default_snapshots).open()
+    ctx = for_applicants(bundle, snap, [Applicant("new", raw, 0.0, 20_000.0, [])])
+    grid = bundle.policy.grid_values()
+    ev = tower(bundle, encode(bundle, ctx), grid)
+    table = decide(bundle, ev, ctx, grid)
+    assert np.isfinite(ev.curves).all() and table.row(0).limit >= 0

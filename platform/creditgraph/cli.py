@@ -153,10 +153,10 @@ def validate(
     """Check a dataset against the contract; print a summary (with warnings that name what is
     suspicious) or one clear error (exit 2). Small local datasets are read without Ray; large or
     remote ones through Ray Data (the switch: CREDITGRAPH_RAY_READ_MIN_BYTES, default 256 MiB)."""
-    from creditgraph.data.load import load_dataset
+    from creditgraph.data.load import load_dataset, reads_with_ray
     from creditgraph.data.spec import DatasetSpec
 
-    if address:  # otherwise Ray starts only if the data is large enough to need it
+    if address or reads_with_ray(data):  # Ray starts only for data large enough to need it
         _ray(address)
     if DatasetSpec.load(data).family == "orders":
         from creditgraph.data.orders import load_orders

@@ -209,13 +209,24 @@ def _read_arrow(path: str | Path, files: list[Path], schemas: list) -> pd.DataFr
 
 
 def _ensure_ray() -> None:
-    import ray
+    from creditgraph.utils.runtime import require_ray
 
-    if not ray.is_initialized():
-        from creditgraph.utils.runtime import init_ray
+    require_ray(f"reading tables from {ray_read_min_bytes():,} bytes with Ray Data")
 
-        # TODO(runtime): library code should not start Ray; the entry point will own this.
-        init_ray()
+
+def reads_with_ray(root: str | Path) -> bool:
+    """Whether :func:`load_dataset` (engine ``auto``) reads any table of ``root`` with Ray Data:
+    an entry point that may run without Ray (``creditgraph validate``) starts it only then."""
+    root = Path(root)
+    try:
+        spec = DatasetSpec.load(root)
+    except Exception:
+        return False  # load_dataset reports it, without Ray
+    names = [spec.users, spec.links, spec.truth, spec.segments]
+    if spec.family == "orders" and spec.orders is not None:
+        names += [spec.orders.table, spec.orders.links]
+    paths = [_resolve(root, n) for n in names if n]
+    return any(p is not None and choose_engine(p) == "ray" for p in paths)
 
 
 def _read_ray(path: str | Path) -> pd.DataFrame:
