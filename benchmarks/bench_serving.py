@@ -199,7 +199,7 @@ def _requests(run: Path, data: Path, registry: Path, n: int = 500) -> dict:
     recent = links[(links.ts > t - pd.Timedelta(days=60)) & (links.ts <= t)]
     rng = np.random.default_rng(0)
     rows = users.iloc[rng.integers(0, len(users), n)]
-    picks = recent.iloc[rng.integers(0, len(recent), (n, LINKS_PER_APPLICANT))]
+    picks = recent.iloc[rng.integers(0, len(recent), n * LINKS_PER_APPLICANT)]
     applicants = []
     for i, (_, row) in enumerate(rows.iterrows()):
         feats = {f: (None if pd.isna(row[f]) else float(row[f])) for f in features}

@@ -157,12 +157,24 @@ def _applicant_setup(sim_data: Path, tmp_path: Path):
     return u, mine.iloc[0], own, t_app
 
 
-def test_applicant_online_equals_batch_with_the_user_added(trained_run, sim_data, tmp_path):
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_applicant_online_equals_batch_with_the_user_added(
+    backend, trained_run, sim_data, tmp_path, request
+):
     """Seed 001's consistency: a user the snapshot never saw, scored from its own data and its
-    entities' stored sums, gets what a batch run with the user added gives it (to 1e-5)."""
+    entities' stored sums, gets what a batch run with the user added gives it (to 1e-5), with
+    the served snapshot's records in the SQLite file store or in a real Redis."""
     u, row, own, t_app = _applicant_setup(sim_data, tmp_path)
     reg = tmp_path / "reg"
-    score_users(trained_run, tmp_path / "minus", tmp_path / "s_minus", registry=reg, promote=True)
+    uri = request.getfixturevalue("redis_url") if backend == "redis" else None
+    score_users(
+        trained_run,
+        tmp_path / "minus",
+        tmp_path / "s_minus",
+        registry=reg,
+        promote=True,
+        store_uri=uri,
+    )
     score_users(trained_run, tmp_path / "plus", tmp_path / "s_plus", registry=tmp_path / "reg2")
     bundle = ScoringBundle.load(trained_run)
     grid = bundle.policy.grid_values()
