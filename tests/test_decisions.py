@@ -54,6 +54,7 @@ def test_evaluation_reports_each_policy_stage_and_the_frontier(trained_run, sim_
     stages = {r["policy"] for r in report["policies"] if r["name"] == "creditgraph"}
     assert {"bare", "calibrated", "guaranteed", "deployed"} <= stages
     rows = {(r["name"], r["policy"]): r for r in report["policies"]}
+    assert len(rows) == len(report["policies"]), "a (method, policy) row appears twice"
     for row in rows.values():
         assert 0 <= row["over_ceiling_rate"] <= 1 and 0 <= row["limit_satisfaction"] <= 1
     assert ("lgbm_slearner", "bare") in rows

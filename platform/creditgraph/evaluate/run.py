@@ -322,7 +322,10 @@ def _deployed_report(
     if true_all is not None:
         true = true_all[test_idx]
         rows = policy_rows(FULL, stages, true, grid, r, margin=cfg.margin, lgd=cfg.lgd)
-        policy_table[:0] = rows  # the model's stages first
+        # the model's stages first; they replace the bare-rule row its curves already got
+        policy_table[:] = rows + [
+            p for p in policy_table if not (p["name"] == FULL and p["policy"] in stages)
+        ]
         true_rate = next(x for x in rows if x["policy"] == "deployed")["portfolio_default_rate"]
         frontier_points.extend(
             frontier(FULL, true, grid, r, curves=cal[test_idx], logit_std=sigma[test_idx])
