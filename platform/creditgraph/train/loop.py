@@ -88,6 +88,83 @@ def _allreduce(values: dict[str, float], weights: dict[str, float], world: int) 
     return {k: float(t[i] / t[n + i]) if t[n + i] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
+def resume(raw: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer, device) -> tuple:
+    """Load the latest checkpoint of a restarted worker group into ``raw``, ``ema`` and ``opt``.
+
+    Returns ``(start_epoch, best_val, bad_epochs, history, best_state, restored_from)``: a fresh
+    start when there is no checkpoint (``restored_from`` None)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, float("inf"), 0, [], None, None
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+    raw.load_state_dict(state["model"])
+    ema.shadow = state["ema"]
+    opt.load_state_dict(state["optimizer"])
+    epoch = int(state["epoch"])
+    history = json.loads(state["history"])
+    return (
+        epoch + 1,
+        float(state["best_val"]),
+        int(state["bad_epochs"]),
+        history,
+        state["best_model"],
+        epoch,
+    )
+
+
+def report_epoch(
+    rank: int,
+    metrics: dict,
+    raw: torch.nn.Module,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    epoch: int,
+    best_val: float,
+    bad_epochs: int,
+    history: list,
+    best_state: dict | None,
+) -> None:
+    """Report an epoch's metrics to Ray Train; rank 0 attaches the checkpoint :func:`resume`
+    reads."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(
+            {
+                "model": raw.state_dict(),
+                "ema": ema.shadow,
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "best_val": best_val,
+                "bad_epochs": bad_epochs,
+                "history": json.dumps(history),
+                "best_model": best_state,
+            },
+            Path(d) / STATE_FILE,
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def trained_state(result) -> tuple[dict, list[dict], float, list[int]]:
+    """What a finished ``TorchTrainer`` run left in its last checkpoint: the best EMA weights
+    (the last ones when no epoch improved), the epoch history, the best validation loss and the
+    epochs a restarted worker group resumed from. A failed run raises."""
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    history = json.loads(state["history"])
+    weights = state["best_model"] if state["best_model"] is not None else state["ema"]
+    restored = sorted({h["restored_from_epoch"] for h in history if h["restored_from_epoch"] >= 0})
+    return weights, history, float(state["best_val"]), restored
+
+
 def _epoch_pass(
     model,
     raw,
@@ -153,26 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ema = EMA(raw, cfg.ema_decay)
     evaluator = copy.deepcopy(raw)  # holds the EMA weights for validation
 
-    start, best_val, bad_epochs, history, best_state, restored_from = (
-        0,
-        float("inf"),
-        0,
-        [],
-        None,
-        None,
-    )
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-        raw.load_state_dict(state["model"])
-        ema.shadow = state["ema"]
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["epoch"]) + 1
-        best_val, bad_epochs = float(state["best_val"]), int(state["bad_epochs"])
-        history = json.loads(state["history"])
-        best_state = state["best_model"]
-        restored_from = int(state["epoch"])
+    start, best_val, bad_epochs, history, best_state, restored_from = resume(raw, ema, opt, device)
 
     it = ray.train.get_dataset_shard("shards")
     nodes = _worker_nodes(world)
@@ -216,23 +274,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         history.append(metrics)
         stop = bad_epochs >= cfg.patience or epoch == cfg.epochs - 1
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(
-                    {
-                        "model": raw.state_dict(),
-                        "ema": ema.shadow,
-                        "optimizer": opt.state_dict(),
-                        "epoch": epoch,
-                        "best_val": best_val,
-                        "bad_epochs": bad_epochs,
-                        "history": json.dumps(history),
-                        "best_model": best_state,
-                    },
-                    Path(d) / STATE_FILE,
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        report_epoch(rank, metrics, raw, ema, opt, epoch, best_val, bad_epochs, history, best_state)
         if stop:
             break

@@ -15,8 +15,6 @@ Labels are those known at the training cut-off (``RUN/events``, from
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,15 @@ from creditgraph.model.orders import (
     spec_for,
 )
 from creditgraph.train.config import TrainConfig
-from creditgraph.train.loop import EMA, STATE_FILE, _allreduce, _steps, _worker_nodes
+from creditgraph.train.loop import (
+    EMA,
+    _allreduce,
+    _steps,
+    _worker_nodes,
+    report_epoch,
+    resume,
+    trained_state,
+)
 from creditgraph.utils.io import atomic_dir, fingerprint, read_json
 from creditgraph.utils.logs import get_logger
 from creditgraph.utils.runtime import require_ray
@@ -119,19 +125,7 @@ def order_loop_per_worker(config: dict[str, Any]) -> None:
     ema = EMA(raw, cfg.ema_decay)
     evaluator = copy.deepcopy(raw)
 
-    start, best_val, bad, history, best_state, restored = 0, float("inf"), 0, [], None, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-        raw.load_state_dict(state["model"])
-        ema.shadow = state["ema"]
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["epoch"]) + 1
-        best_val, bad = float(state["best_val"]), int(state["bad_epochs"])
-        history = json.loads(state["history"])
-        best_state = state["best_model"]
-        restored = int(state["epoch"])
+    start, best_val, bad, history, best_state, restored = resume(raw, ema, opt, device)
 
     it = ray.train.get_dataset_shard("shards")
     nodes = _worker_nodes(world)
@@ -174,24 +168,7 @@ def order_loop_per_worker(config: dict[str, Any]) -> None:
         }
         history.append(metrics)
         stop = bad >= cfg.patience or epoch == cfg.epochs - 1
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(
-                    {
-                        "model": raw.state_dict(),
-                        "ema": ema.shadow,
-                        "optimizer": opt.state_dict(),
-                        "epoch": epoch,
-                        "best_val": best_val,
-                        "bad_epochs": bad,
-                        "history": json.dumps(history),
-                        "best_model": best_state,
-                    },
-                    Path(d) / STATE_FILE,
-                )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        report_epoch(rank, metrics, raw, ema, opt, epoch, best_val, bad, history, best_state)
         if stop:
             break
 
@@ -260,16 +237,11 @@ def run_order_training(
         out.dir.name, train_cfg.num_workers, train_cfg.epochs,
     )  # fmt: skip
     result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    history = json.loads(state["history"])
-    model.load_state_dict(state["best_model"] if state["best_model"] is not None else state["ema"])
-    restored = sorted({h["restored_from_epoch"] for h in history if h["restored_from_epoch"] >= 0})
+    weights, history, best_val, restored = trained_state(result)
+    model.load_state_dict(weights)
     summary = {
         "epochs_run": len(history),
-        "best_val_loss": float(state["best_val"]),
+        "best_val_loss": best_val,
         "restored_from_epochs": restored,
         "workers": train_cfg.num_workers,
         "seconds": time.perf_counter() - t0,

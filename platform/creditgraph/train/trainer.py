@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from contextlib import suppress
@@ -26,7 +25,7 @@ from creditgraph.model.infer import Inference
 from creditgraph.model.net import CreditGraphNet, ModelSpec
 from creditgraph.model.predict import DSLStats
 from creditgraph.train.config import TrainConfig
-from creditgraph.train.loop import STATE_FILE, train_loop_per_worker
+from creditgraph.train.loop import train_loop_per_worker, trained_state
 from creditgraph.utils.io import atomic_dir, fingerprint, read_json
 from creditgraph.utils.logs import get_logger
 from creditgraph.utils.runtime import require_ray
@@ -305,18 +304,13 @@ def run_training(
     )
     with progress:
         result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    history = json.loads(state["history"])
-    model.load_full_state(state["best_model"] if state["best_model"] is not None else state["ema"])
+    weights, history, best_val, restored = trained_state(result)
+    model.load_full_state(weights)
     dsl_stats = fit_dsl_stats(run, model, art, pre, train_cfg.seed)
     seconds = time.perf_counter() - t0
-    restored = sorted({h["restored_from_epoch"] for h in history if h["restored_from_epoch"] >= 0})
     summary = {
         "epochs_run": len(history),
-        "best_val_loss": float(state["best_val"]),
+        "best_val_loss": best_val,
         "restored_from_epochs": restored,
         "workers": train_cfg.num_workers,
         "seconds": seconds,
