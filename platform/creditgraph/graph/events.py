@@ -671,20 +671,11 @@ def load_orders_table(run: RunLayout | str | Path) -> pd.DataFrame:
 
 def _write_event_shard(path: str, nodes: np.ndarray, hop: np.ndarray, hops: int, g: dict) -> dict:
     """One shard: owned nodes first, then halo nodes by hop, and the edges into inner rings."""
-    n = g["n"]
-    local = np.full(n, -1, dtype=np.int64)
-    local[nodes] = np.arange(len(nodes))
-    inner = nodes[hop < hops]
-    indptr, order = g["indptr"], g["order"]
-    starts, ends = indptr[inner], indptr[inner + 1]
-    lengths = ends - starts
-    pos = np.repeat(starts, lengths) + (
-        np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    from creditgraph.graph.partition import inner_edges
+
+    e, src_l, dst_l = inner_edges(
+        nodes, hop, hops, g["n"], g["indptr"], g["order"], g["src"], g["dst"]
     )
-    e = order[pos]
-    src_l, dst_l = local[g["src"][e]], local[g["dst"][e]]
-    if (src_l < 0).any():
-        raise AssertionError("halo expansion missed an in-neighbour")
     n_owned = int((hop == 0).sum())
     np.savez(
         path,

@@ -87,22 +87,39 @@ def _in_csr(n: int, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.nd
     return indptr, order
 
 
-def _write_shard(path: str, nodes: np.ndarray, hop: np.ndarray, hops: int, g: dict) -> dict:
-    """Gather one shard's nodes and the edges into its inner rings, then save it."""
-    n = len(g["z"])
+def inner_edges(
+    nodes: np.ndarray,
+    hop: np.ndarray,
+    hops: int,
+    n: int,
+    indptr: np.ndarray,
+    order: np.ndarray,
+    src: np.ndarray,
+    dst: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edges into a shard's inner rings (nodes with ``hop < hops``), from in-edge CSR
+    (``indptr``, ``order``: edge ids sorted by destination): ``(edge ids, local src, local dst)``
+    with local ids the positions in ``nodes``."""
     local = np.full(n, -1, dtype=np.int64)
     local[nodes] = np.arange(len(nodes))
     inner = nodes[hop < hops]
-    indptr, order = g["in_indptr"], g["in_order"]
     starts, ends = indptr[inner], indptr[inner + 1]
     lengths = ends - starts
     pos = np.repeat(starts, lengths) + (
         np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     )
     e = order[pos]
-    src_l, dst_l = local[g["src"][e]], local[g["dst"][e]]
+    src_l, dst_l = local[src[e]], local[dst[e]]
     if (src_l < 0).any():
         raise AssertionError("shadow expansion missed an in-neighbour")
+    return e, src_l, dst_l
+
+
+def _write_shard(path: str, nodes: np.ndarray, hop: np.ndarray, hops: int, g: dict) -> dict:
+    """Gather one shard's nodes and the edges into its inner rings, then save it."""
+    e, src_l, dst_l = inner_edges(
+        nodes, hop, hops, len(g["z"]), g["in_indptr"], g["in_order"], g["src"], g["dst"]
+    )
     n_owned = int((hop == 0).sum())
     np.savez(
         path,
