@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -20,6 +22,26 @@ from pydantic import (
 from creditgraph.data.errors import DataValidationError
 
 LINK_COLUMNS = ("user_id", "entity_type", "entity_id", "ts")
+
+
+def _date_is_midnight(v: object) -> object:
+    # YAML turns 2025-06-30 into a date: take it as that day's midnight
+    if isinstance(v, date) and not isinstance(v, datetime):
+        return datetime(v.year, v.month, v.day)
+    return v
+
+
+def _to_naive_utc(v: datetime | None) -> datetime | None:
+    if v is not None and v.tzinfo is not None:
+        v = v.astimezone(UTC).replace(tzinfo=None)
+    return v
+
+
+#: a dataset's "now" for historical data: a YAML date is its midnight, an aware time is UTC
+ReferenceTime = Annotated[
+    datetime | None, BeforeValidator(_date_is_midnight), AfterValidator(_to_naive_utc)
+]
+
 TRUTH_COLUMNS = ("user_id", "limit", "p_default")
 
 
@@ -86,28 +108,13 @@ class OrdersSpec(BaseModel):
     segments: str | None = Field(
         None, description="simulated data only: order id -> segment, for reports"
     )
-    reference_time: datetime | None = Field(
+    reference_time: ReferenceTime = Field(
         None,
         description="the 'now' of historical data: labels and links known after it are "
         "unknown (left out), orders after it are refused (default: the dataset's "
         "reference_time; with neither, anything after the current time + 1 day is refused); "
         "naive = UTC",
     )
-
-    @field_validator("reference_time", mode="before")
-    @classmethod
-    def _date_is_midnight(cls, v: object) -> object:
-        # YAML turns 2025-06-30 into a date: take it as that day's midnight
-        if isinstance(v, date) and not isinstance(v, datetime):
-            return datetime(v.year, v.month, v.day)
-        return v
-
-    @field_validator("reference_time", mode="after")
-    @classmethod
-    def _to_naive_utc(cls, v: datetime | None) -> datetime | None:
-        if v is not None and v.tzinfo is not None:
-            v = v.astimezone(UTC).replace(tzinfo=None)
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> OrdersSpec:
@@ -182,7 +189,7 @@ class DatasetSpec(BaseModel):
         description="formats of time strings: one for both tables, or {users: ..., links: ...}; "
         "time-zone-aware values are converted to UTC, naive values are taken as UTC",
     )
-    reference_time: datetime | None = Field(
+    reference_time: ReferenceTime = Field(
         None,
         description="the 'now' of historical data: an as_of or link ts after it is refused "
         "(default: the current time + 1 day); naive = UTC",
@@ -214,21 +221,6 @@ class DatasetSpec(BaseModel):
     @classmethod
     def _one_format_for_both(cls, v: object) -> object:
         return {"users": v, "links": v} if isinstance(v, str) else v
-
-    @field_validator("reference_time", mode="before")
-    @classmethod
-    def _date_is_midnight(cls, v: object) -> object:
-        # YAML turns 2025-06-30 into a date: take it as that day's midnight
-        if isinstance(v, date) and not isinstance(v, datetime):
-            return datetime(v.year, v.month, v.day)
-        return v
-
-    @field_validator("reference_time", mode="after")
-    @classmethod
-    def _to_naive_utc(cls, v: datetime | None) -> datetime | None:
-        if v is not None and v.tzinfo is not None:
-            v = v.astimezone(UTC).replace(tzinfo=None)
-        return v
 
     @model_validator(mode="after")
     def _distinct_roles(self) -> DatasetSpec:
